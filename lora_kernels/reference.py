@@ -1,0 +1,242 @@
+"""The spec: NF4 quantization in plain PyTorch.
+
+Every other backend (C++ CPU, CUDA, Triton) must reproduce these functions bit for bit. They are
+written to be read first and to be fast second. Format facts come from bitsandbytes 0.50 (the
+CPU backend, which is what our tests can run side by side) and the QLoRA paper (arXiv 2305.14314).
+
+Shapes: a weight of any shape is flattened row-major to ``n`` elements and cut into
+``nblocks = ceil(n / blocksize)`` blocks; the last block may be partial.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The 16 NF4 values in code order 0..15 (QLoRA paper, appendix E; bitsandbytes `get_4bit_type("nf4")`).
+NF4_VALUES = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+NF4_ZERO_CODE = 7
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes 0.50 accepts
+NESTED_BLOCKSIZE = 256  # double quantization: one fp32 scale per 256 block scales
+# The smallest divisor bitsandbytes uses when it scales a block (its `clamp(min=1e-38)`).
+MIN_SCALE_DIVISOR = 1e-38
+
+
+def _nf4_code() -> torch.Tensor:
+    return torch.tensor(NF4_VALUES, dtype=torch.float32)
+
+
+def _dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit map (`create_dynamic_map(signed=True)`), fp32 [256], sorted.
+
+    Built from the recipe of Dettmers 2015 (arXiv 1511.04561) with 7 exponent bits: for each
+    exponent i, the midpoints of a linspace(0.1, 1) of 2**i + 1 points scaled by 10**(i - 6),
+    mirrored for the sign, plus 0 and 1.
+    """
+    values: list[float] = []
+    exponent_bits = 7
+    for i in range(exponent_bits):
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        scale = 10 ** (i - (exponent_bits - 1))
+        values += (scale * means).tolist()
+        values += (-scale * means).tolist()
+    values += [0.0, 1.0]
+    assert len(values) == 256
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+LUT_SIZE = 65536
+
+
+def _dynamic_map_lut(code: torch.Tensor) -> torch.Tensor:
+    """The nearest-code table bitsandbytes 0.50's CPU backend uses to quantize the block scales.
+
+    [-1, 1] is cut into 65536 points v_i = -1 + 2i / 65535 (fp32); entry i is the number of map
+    midpoints strictly below v_i. This approximates nearest-value rounding (about 0.15% of codes
+    differ from the nearest); we reproduce it exactly so that double-quantized scales are
+    byte-identical with bitsandbytes. uint8 [65536].
+    """
+    mids = (code[:-1] + code[1:]) * 0.5
+    i = torch.arange(LUT_SIZE, dtype=torch.float32)
+    v = -1.0 + (2.0 * i) / float(LUT_SIZE - 1)
+    return torch.searchsorted(mids, v, side="left").to(torch.uint8)
+
+
+# Constants, built once on the CPU; `_on(device, name)` hands out per-device copies.
+_CONSTANTS = {"nf4_code": _nf4_code(), "dynamic_map": _dynamic_map()}
+_CONSTANTS["nf4_midpoints"] = (_CONSTANTS["nf4_code"][:-1] + _CONSTANTS["nf4_code"][1:]) / 2
+_CONSTANTS["dynamic_map_lut"] = _dynamic_map_lut(_CONSTANTS["dynamic_map"])
+_per_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _on(device: torch.device | str, name: str) -> torch.Tensor:
+    device = torch.device(device)
+    if torch.compiler.is_compiling():
+        return _CONSTANTS[name].to(device)
+    key = (name, device)
+    if key not in _per_device:
+        _per_device[key] = _CONSTANTS[name].to(device)
+    return _per_device[key]
+
+
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 NF4 values as fp32, [16]."""
+    return _on(device, "nf4_code")
+
+
+def nf4_midpoints(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 15 decision boundaries, [15], each an fp32 sum halved (as bitsandbytes computes them)."""
+    return _on(device, "nf4_midpoints")
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit map, fp32 [256] (see `_dynamic_map`)."""
+    return _on(device, "dynamic_map")
+
+
+def dynamic_map_lut(device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [65536], see `_dynamic_map_lut`."""
+    return _on(device, "dynamic_map_lut")
+
+
+def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """[n] -> [nblocks, blocksize], the tail zero-padded."""
+    n = flat.numel()
+    nblocks = -(-n // blocksize)
+    return torch.nn.functional.pad(flat, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+
+
+def quantize_nf4_blocks(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4-quantize without double quantization.
+
+    w: any shape, bf16/fp16/fp32, finite. Returns packed uint8 [ceil(n / 2)] and absmax fp32 [nblocks].
+    """
+    flat = w.reshape(-1).float()
+    n = flat.numel()
+    blocks = _blocks(flat, blocksize)
+    absmax = blocks.abs().amax(dim=1)  # NaN propagates: callers check absmax for non-finite values
+    divisor = absmax.clamp(min=MIN_SCALE_DIVISOR)
+    # bitsandbytes 0.50 multiplies full blocks by the fp32 reciprocal of absmax but divides the
+    # partial tail block; the two differ in the last bit now and then, which can move a code.
+    scaled = blocks * (1.0 / divisor)[:, None]
+    tail = n % blocksize
+    if tail:
+        scaled[-1] = blocks[-1] / divisor[-1]
+        # bitsandbytes stores the clamped divisor as the tail block's absmax.
+        absmax[-1] = divisor[-1]
+    scaled = scaled.clamp(-1, 1).reshape(-1)[:n]
+    # The code is the number of midpoints strictly below the value: a value exactly on a midpoint
+    # takes the lower code (bitsandbytes uses `bucketize`, right=False).
+    codes = torch.bucketize(scaled, nf4_midpoints(w.device)).to(torch.uint8)
+    if n % 2:
+        codes = torch.cat([codes, codes.new_full((1,), NF4_ZERO_CODE)])
+    # bitsandbytes 0.50: the first element of a pair goes in the high nibble.
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return packed, absmax
+
+
+def dequantize_nf4_blocks(
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """packed uint8 [ceil(numel / 2)], absmax fp32 [nblocks] -> flat [numel] in dtype.
+
+    Each weight is round_to_dtype(fp32(nf4[code] * absmax)), rounded once.
+    """
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:numel]
+    values = nf4_code(packed.device)[codes.long()]
+    scale = absmax.repeat_interleave(blocksize)[:numel]
+    return (values * scale).to(dtype)
+
+
+def quantize_blockwise_8bit(
+    x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization with the dynamic map, as bitsandbytes 0.50's CPU backend does it.
+
+    x: fp32 [n]. Returns codes uint8 [n] and absmax fp32 [ceil(n / blocksize)].
+    A block of zeros gets absmax 0 and codes 0 (bitsandbytes' choice; code 0 times 0 is 0).
+    """
+    n = x.numel()
+    blocks = _blocks(x.float(), blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    inverse = 1.0 / absmax
+    normed = (blocks * inverse[:, None]).clamp(-1, 1)
+    # Each fp32 step rounded separately: ((v + 1) * 0.5) * 65535 + 0.5, then truncated.
+    index = (((normed + 1.0) * 0.5) * float(LUT_SIZE - 1) + 0.5).to(torch.int64)
+    codes = dynamic_map_lut(x.device)[index.clamp(0, LUT_SIZE - 1)]
+    codes = torch.where((absmax == 0)[:, None], torch.zeros_like(codes), codes)
+    return codes.reshape(-1)[:n], absmax
+
+
+def dequantize_blockwise_8bit(
+    codes: torch.Tensor, absmax: torch.Tensor, code_map: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
+) -> torch.Tensor:
+    """codes uint8 [n], absmax fp32 [nblocks] -> fp32 [n] = fp32(code_map[c] * absmax)."""
+    n = codes.numel()
+    return code_map[codes.long()] * absmax.repeat_interleave(blocksize)[:n]
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compress block scales: absmax fp32 [nblocks] -> (codes uint8 [nblocks], nested_absmax fp32
+    [ceil(nblocks / 256)], offset fp32 []).
+
+    offset is torch's own fp32 mean on the tensor's device, as bitsandbytes computes it, so the
+    offset is bit-identical with a bitsandbytes checkpoint made on the same device type.
+    """
+    offset = absmax.mean()
+    codes, nested_absmax = quantize_blockwise_8bit(absmax - offset)
+    return codes, nested_absmax, offset
+
+
+def dequantize_absmax(
+    codes: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor, offset: torch.Tensor
+) -> torch.Tensor:
+    """The inverse of double_quantize: fp32(fp32(map[code] * scale) + offset), two roundings
+    (bitsandbytes; a fused multiply-add would change the last bit)."""
+    return dequantize_blockwise_8bit(codes, nested_absmax, nested_code) + offset
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> dict:
+    """The whole quantization, as a dict of the stored tensors (see nf4.NF4Weight)."""
+    packed, absmax = quantize_nf4_blocks(w, blocksize)
+    if not double_quant:
+        return {"packed": packed, "absmax": absmax}
+    codes, nested_absmax, offset = double_quantize(absmax)
+    return {"packed": packed, "absmax": codes, "nested_absmax": nested_absmax, "offset": offset}
+
+
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    blocksize: int,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Back to a dense tensor of the given shape and dtype."""
+    if nested_absmax is not None:
+        absmax = dequantize_absmax(absmax, nested_absmax, nested_code, offset)
+    numel = 1
+    for d in shape:
+        numel *= d
+    return dequantize_nf4_blocks(packed, absmax, blocksize, numel, dtype).reshape(shape)
