@@ -1,0 +1,238 @@
+// NF4 quantize / dequantize on the CPU: one pass over the data, blocks spread over threads.
+// Compiled with -ffp-contract=off: the double-quantized scale decode must round twice, like the spec.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "../kernels.h"
+#include "../nf4.h"
+
+namespace lora_kernels {
+namespace cpu {
+namespace {
+
+template <typename T>
+inline float load_float(const T& v) {
+  return static_cast<float>(v);
+}
+
+// Enough blocks per task that a task moves about 64 KiB.
+int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, (1 << 15) / blocksize); }
+
+// codes[i] = the number of NF4 midpoints strictly below values[i]. The clamp to [-1, 1] in the spec
+// cannot change that count (every midpoint lies inside (-1, 1)), so it is left out. Written as
+// one flat loop over elements with a fixed inner loop, which GCC vectorizes at -O3.
+void encode_all(const float* __restrict__ values, int64_t len, uint8_t* __restrict__ codes) {
+  static constexpr float kMids[15] = LK_NF4_MIDPOINTS;
+  for (int64_t i = 0; i < len; ++i) {
+    const float x = values[i];
+    int32_t code = 0;
+    for (int j = 0; j < 15; ++j) code += x > kMids[j];
+    codes[i] = static_cast<uint8_t>(code);
+  }
+}
+
+template <typename T>
+void quantize_range(const T* w, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax, int64_t first,
+                    int64_t last) {
+  float values[4096];
+  uint8_t codes[4096 + 1];
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t start = b * blocksize;
+    const int64_t len = std::min(blocksize, n - start);
+    float amax = 0.0f;
+    bool has_nan = false;
+    for (int64_t i = 0; i < len; ++i) {
+      values[i] = load_float(w[start + i]);
+      const float a = std::fabs(values[i]);
+      amax = a > amax ? a : amax;
+      has_nan |= a != a;
+    }
+    const float divisor = std::max(amax, kMinScaleDivisor);
+    // bitsandbytes 0.50: full blocks are multiplied by the fp32 reciprocal, the partial tail block
+    // is divided, and the tail stores the clamped divisor as its absmax.
+    if (len == blocksize) {
+      const float inverse = 1.0f / divisor;
+      for (int64_t i = 0; i < len; ++i) values[i] *= inverse;
+      absmax[b] = amax;
+    } else {
+      for (int64_t i = 0; i < len; ++i) values[i] /= divisor;
+      absmax[b] = divisor;
+    }
+    encode_all(values, len, codes);
+    if (has_nan) absmax[b] = std::numeric_limits<float>::quiet_NaN();
+    codes[len] = kNF4ZeroCode;  // pads an odd count; blocks are even-sized, so only the last can be odd
+    uint8_t* out = packed + start / 2;
+    for (int64_t j = 0; j < (len + 1) / 2; ++j) out[j] = static_cast<uint8_t>((codes[2 * j] << 4) | codes[2 * j + 1]);
+  }
+}
+
+inline float block_scale(const BlockScales& s, int64_t b) {
+  if (s.absmax != nullptr) return s.absmax[b];
+  const float scaled = s.nested_code[s.codes[b]] * s.nested_absmax[b / kNestedBlocksize];
+  return scaled + s.offset[0];
+}
+
+// Scalar dequantize of bytes [first_byte, ...) of one block: a 16-entry table, two lookups a byte.
+template <typename T>
+void dequantize_scalar(const uint8_t* bytes, int64_t len, float scale, T* dst) {
+  static constexpr float kNF4[16] = LK_NF4_VALUES;
+  T table[16];
+  for (int c = 0; c < 16; ++c) table[c] = static_cast<T>(kNF4[c] * scale);
+  for (int64_t j = 0; j < len / 2; ++j) {
+    const uint8_t byte = bytes[j];
+    dst[2 * j] = table[byte >> 4];
+    dst[2 * j + 1] = table[byte & 0xF];
+  }
+  if (len % 2) dst[len - 1] = table[bytes[len / 2] >> 4];
+}
+
+#if defined(__x86_64__)
+#define LK_AVX2 __attribute__((target("avx2,f16c")))
+
+// 8 fp32 -> 8 bf16 bit patterns, round to nearest even (the values are finite): (bits + 0x7fff + lsb) >> 16.
+LK_AVX2 inline __m128i round_to_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// The 16 table entries as 16-bit patterns, split into a low-byte plane and a high-byte plane
+// so that `pshufb` can look up 16 codes at once.
+template <typename T>
+LK_AVX2 inline void table_planes(float scale, __m128i* lo_plane, __m128i* hi_plane) {
+  static constexpr float kNF4[16] = LK_NF4_VALUES;
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m256 a = _mm256_mul_ps(_mm256_loadu_ps(kNF4), s);
+  const __m256 b = _mm256_mul_ps(_mm256_loadu_ps(kNF4 + 8), s);
+  __m128i h0, h1;
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    h0 = _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT);
+    h1 = _mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT);
+  } else {
+    h0 = round_to_bf16(a);
+    h1 = round_to_bf16(b);
+  }
+  // bytes 0,2,4,.. are the low halves (little endian); gather them, then the high ones
+  const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m128i s0 = _mm_shuffle_epi8(h0, split), s1 = _mm_shuffle_epi8(h1, split);
+  *lo_plane = _mm_unpacklo_epi64(s0, s1);
+  *hi_plane = _mm_unpackhi_epi64(s0, s1);
+}
+
+// 16-bit outputs: 16 packed bytes -> 32 values per step.
+template <typename T>
+LK_AVX2 void dequantize_avx2_16bit(const uint8_t* bytes, int64_t len, float scale, T* dst) {
+  __m128i lo_plane, hi_plane;
+  table_planes<T>(scale, &lo_plane, &hi_plane);
+  const __m128i nibble = _mm_set1_epi8(0x0f);
+  int64_t j = 0;
+  for (; j + 16 <= len / 2; j += 16) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
+    const __m128i lo = _mm_and_si128(raw, nibble);
+    const __m128i codes[2] = {_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo)};  // element order
+    for (int h = 0; h < 2; ++h) {
+      const __m128i l = _mm_shuffle_epi8(lo_plane, codes[h]);
+      const __m128i u = _mm_shuffle_epi8(hi_plane, codes[h]);
+      __m128i* out = reinterpret_cast<__m128i*>(dst + 2 * j + 16 * h);
+      _mm_storeu_si128(out, _mm_unpacklo_epi8(l, u));
+      _mm_storeu_si128(out + 1, _mm_unpackhi_epi8(l, u));
+    }
+  }
+  if (2 * j < len) dequantize_scalar(bytes + j, len - 2 * j, scale, dst + 2 * j);
+}
+
+// fp32 outputs: two 8-entry permutes and a blend per 8 values.
+LK_AVX2 void dequantize_avx2_fp32(const uint8_t* bytes, int64_t len, float scale, float* dst) {
+  static constexpr float kNF4[16] = LK_NF4_VALUES;
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m256 t0 = _mm256_mul_ps(_mm256_loadu_ps(kNF4), s);
+  const __m256 t1 = _mm256_mul_ps(_mm256_loadu_ps(kNF4 + 8), s);
+  const __m128i nibble = _mm_set1_epi8(0x0f);
+  int64_t j = 0;
+  for (; j + 8 <= len / 2; j += 8) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + j));
+    const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), nibble), _mm_and_si128(raw, nibble));
+    for (int h = 0; h < 2; ++h) {
+      const __m256i idx = _mm256_cvtepu8_epi32(h == 0 ? codes : _mm_srli_si128(codes, 8));
+      const __m256 a = _mm256_permutevar8x32_ps(t0, idx);
+      const __m256 b = _mm256_permutevar8x32_ps(t1, idx);
+      const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+      _mm256_storeu_ps(dst + 2 * j + 8 * h, _mm256_blendv_ps(a, b, upper));
+    }
+  }
+  if (2 * j < len) dequantize_scalar(bytes + j, len - 2 * j, scale, dst + 2 * j);
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
+template <typename T>
+void dequantize_range(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, T* out,
+                      int64_t first, int64_t last) {
+  for (int64_t b = first; b < last; ++b) {
+    const float scale = block_scale(scales, b);
+    const int64_t start = b * blocksize;
+    const int64_t len = std::min(blocksize, n - start);
+    const uint8_t* bytes = packed + start / 2;
+#if defined(__x86_64__)
+    if (has_avx2()) {
+      if constexpr (std::is_same_v<T, float>)
+        dequantize_avx2_fp32(bytes, len, scale, out + start);
+      else
+        dequantize_avx2_16bit<T>(bytes, len, scale, out + start);
+      continue;
+    }
+#endif
+    dequantize_scalar(bytes, len, scale, out + start);
+  }
+}
+
+template <typename F>
+void for_each_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kBF16: f(c10::BFloat16()); break;
+    case DType::kFP16: f(c10::Half()); break;
+    case DType::kFP32: f(float()); break;
+  }
+}
+
+}  // namespace
+
+void quantize_nf4(const void* w, DType dtype, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax) {
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  for_each_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t first, int64_t last) {
+      quantize_range(static_cast<const T*>(w), n, blocksize, packed, absmax, first, last);
+    });
+  });
+}
+
+void dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, void* out,
+                    DType dtype) {
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  for_each_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t first, int64_t last) {
+      dequantize_range(packed, scales, blocksize, n, static_cast<T*>(out), first, last);
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace lora_kernels

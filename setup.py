@@ -1,0 +1,92 @@
+"""Builds lora_kernels._C: C++ CPU kernels always, CUDA kernels when nvcc and a CUDA build of torch are here.
+
+Switches (environment):
+  LORA_KERNELS_CUDA=0      skip the CUDA sources even where they could build
+  LORA_KERNELS_CUDA=1      build them or fail (no silent CPU-only build)
+  TORCH_CUDA_ARCH_LIST     GPU architectures; default "8.0;8.6;8.9;9.0" (Ampere, Ada, Hopper).
+                           CI sets one architecture to keep the build short.
+  LORA_KERNELS_NO_EXT=1    build no extension at all (pure-Python install; reference + Triton only)
+"""
+
+import glob
+import os
+import warnings
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    if os.environ.get("LORA_KERNELS_NO_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    want_cuda = os.environ.get("LORA_KERNELS_CUDA", "auto")
+    nvcc_found = cpp_extension.CUDA_HOME is not None and os.path.exists(
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    )
+    can_cuda = nvcc_found and torch.version.cuda is not None
+    if want_cuda == "1" and not can_cuda:
+        raise RuntimeError(
+            "LORA_KERNELS_CUDA=1 but CUDA sources cannot build: "
+            f"nvcc {'found' if nvcc_found else 'not found (set CUDA_HOME)'}, torch.version.cuda={torch.version.cuda}"
+        )
+    use_cuda = can_cuda and want_cuda != "0"
+    if not use_cuda and want_cuda != "0":
+        warnings.warn("building lora_kernels without CUDA kernels (no nvcc or a CPU-only torch)")
+
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # -ffp-contract=off: the scale decode rounds twice, as the spec does; no fused multiply-add.
+    cxx_flags = ["-O3", "-ffp-contract=off"]  # torch picks the C++ standard its headers need
+    define_macros = []
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros.append(("LK_WITH_CUDA", None))
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
+        ext_cls = cpp_extension.CUDAExtension
+        extra = {"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]}
+        # torch's CUDA headers include cuBLAS / cuSPARSE headers that ship in the nvidia wheels.
+        include_dirs = [os.path.join(HERE, "csrc")] + _nvidia_wheel_includes()
+    else:
+        ext_cls = cpp_extension.CppExtension
+        extra = {"cxx": cxx_flags}
+        include_dirs = [os.path.join(HERE, "csrc")]
+    ext = ext_cls(
+        name="lora_kernels._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra,
+        py_limited_api=False,
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+def _nvidia_wheel_includes():
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for root in nvidia.__path__:
+        dirs += glob.glob(os.path.join(root, "*", "include"))
+    return sorted(d for d in dirs if os.path.isdir(d))
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="lora-kernels",
+    version="0.1.0",
+    description="NF4 quantization and fused QLoRA kernels (CUDA, Triton, C++), byte-compatible with bitsandbytes",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lora_kernels", "lora_kernels.*", "triton_ops", "triton_ops.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6"],
+    extras_require={"test": ["pytest", "bitsandbytes>=0.50", "numpy"], "bench": ["bitsandbytes>=0.50", "matplotlib"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
