@@ -1,0 +1,1 @@
+"""`python -m bench`: microbenchmarks of lora-kernels against the peers, side by side in one run."""

@@ -1,0 +1,119 @@
+"""Suite `quant`: NF4 quantize and dequantize (double quantization on, block 64) against bitsandbytes."""
+
+from __future__ import annotations
+
+import torch
+
+import lora_kernels
+from lora_kernels import reference
+
+from .harness import Row, summarize, time_fn
+
+CPU_SHAPES = [(4096, 4096), (11008, 4096)]
+GPU_SHAPES = [(4096, 4096), (8192, 28672)]
+
+
+def _ours(device: torch.device, wanted: list[str] | None) -> list[str]:
+    status = lora_kernels.backends()
+    names = ["cuda", "triton", "torch"] if device.type == "cuda" else ["cpu", "torch"]
+    return [n for n in names if status[n].usable and (not wanted or n in wanted)]
+
+
+def _skipped(device: torch.device) -> list[str]:
+    status = lora_kernels.backends()
+    names = ["cuda", "triton"] if device.type == "cuda" else ["cpu", "triton"]
+    return [f"ours:{n} skipped: {status[n].detail}" for n in names if not status[n].usable]
+
+
+def _same(q, ref: dict) -> str:
+    """'' when q holds exactly the reference bytes, else what differs."""
+    for key in ("packed", "absmax", "nested_absmax", "offset"):
+        if not torch.equal(getattr(q, key).cpu(), ref[key].cpu()):
+            return f"{key} differs from the reference"
+    return ""
+
+
+def run(device: torch.device, quick: bool, wanted: list[str] | None, log) -> tuple[list[Row], list[dict]]:
+    shapes = (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[: 1 if quick else None]
+    budget = 0.3 if quick else 1.0
+    for line in _skipped(device):
+        log(line)
+    try:
+        import bitsandbytes.functional as bnbF
+    except Exception as exc:  # a missing peer is a printed line, never a silent gap
+        bnbF = None
+        log(f"bitsandbytes skipped: {type(exc).__name__}: {exc}")
+    rows, goals = [], []
+    for shape in shapes:
+        g = torch.Generator().manual_seed(0)
+        w = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16).to(device)
+        ref = reference.quantize_nf4(w, 64, True)
+        ref_deq = reference.dequantize_nf4(
+            ref["packed"], ref["absmax"], shape, torch.bfloat16, 64, ref["nested_absmax"],
+            reference.dynamic_map(device), ref["offset"],
+        )
+        n = w.numel()
+        quant_bytes = 2 * n + n // 2 + n // 64 + 4 * (n // 64 // 256)  # bf16 in; packed + codes + scales out
+        name = f"{shape[0]}x{shape[1]} bf16"
+        times = {}
+        for backend in _ours(device, wanted):
+            lora_kernels.set_backend(backend)
+            try:
+                q = lora_kernels.quantize_nf4(w)
+                problem = _same(q, ref)
+                if not problem and not torch.equal(lora_kernels.dequantize_nf4(q), ref_deq):
+                    problem = "dequantized values differ from the reference"
+                if problem:
+                    rows.append(Row("quant", f"quantize {name}", f"ours:{backend}", correct=False, note=f"WRONG: {problem}"))
+                    log(f"ours:{backend} on {name} is WRONG ({problem}); not timed")
+                    continue
+                for op, fn in (("quantize", lambda: lora_kernels.quantize_nf4(w)), ("dequantize", lambda: lora_kernels.dequantize_nf4(q))):
+                    row = summarize(Row("quant", f"{op} {name}", f"ours:{backend}", correct=True),
+                                    time_fn(fn, device, budget), quant_bytes)
+                    rows.append(row)
+                    times[(op, backend)] = row.ms
+                    log(f"{row.case:34s} {row.impl:14s} {row.ms:9.2f} ms {row.gbps:7.1f} GB/s")
+            finally:
+                lora_kernels.set_backend(None)
+        if bnbF is not None:
+            packed, qs = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            same = torch.equal(packed.reshape(-1).cpu(), ref["packed"].cpu()) and torch.equal(qs.absmax.cpu(), ref["absmax"].cpu())
+            note = "bytes identical to ours" if same else "bytes differ from ours"
+            for op, fn in (
+                ("quantize", lambda: bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")),
+                ("dequantize", lambda: bnbF.dequantize_4bit(packed, qs)),
+            ):
+                row = summarize(Row("quant", f"{op} {name}", "bitsandbytes", correct=same, note=note),
+                                time_fn(fn, device, budget), quant_bytes)
+                rows.append(row)
+                times[(op, "bnb")] = row.ms
+                log(f"{row.case:34s} {row.impl:14s} {row.ms:9.2f} ms {row.gbps:7.1f} GB/s")
+        goals += _goals(device, name, times, quant_bytes)
+    return rows, goals
+
+
+def _goals(device, name, times, nbytes) -> list[dict]:
+    """The speed goals of the quantization issue, as verdicts with their figures."""
+    goals = []
+    ours = "cuda" if device.type == "cuda" else "cpu"
+    if device.type == "cpu":
+        for op, factor in (("quantize", 20.0), ("dequantize", 3.0)):
+            mine, theirs = times.get((op, ours)), times.get((op, "bnb"))
+            if mine and theirs:
+                speedup = theirs / mine
+                goals.append(dict(goal=f"CPU {op} {name} >= {factor:g}x bitsandbytes", met=speedup >= factor,
+                                  figure=f"{speedup:.2f}x ({mine:.2f} ms vs {theirs:.2f} ms)"))
+    else:
+        from .harness import copy_bandwidth_gbps
+
+        copy = copy_bandwidth_gbps(device)
+        for op in ("quantize", "dequantize"):
+            mine, theirs = times.get((op, ours)), times.get((op, "bnb"))
+            if mine:
+                frac = nbytes / (mine * 1e-3) / 1e9 / copy
+                goals.append(dict(goal=f"GPU {op} {name} >= 85% of copy bandwidth ({copy:.0f} GB/s)",
+                                  met=frac >= 0.85, figure=f"{100 * frac:.1f}%"))
+            if mine and theirs:
+                goals.append(dict(goal=f"GPU {op} {name} faster than bitsandbytes", met=mine < theirs,
+                                  figure=f"{theirs / mine:.2f}x"))
+    return goals

@@ -1,0 +1,18 @@
+"""`python -m lora_kernels.info`: what was built, what is usable here, and why not."""
+
+import torch
+
+from . import __version__, backends, get_backend
+
+
+def main() -> None:
+    print(f"lora-kernels {__version__}  torch {torch.__version__} (CUDA {torch.version.cuda})")
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+    for name, status in backends().items():
+        print(f"  {name:7s} {'usable' if status.usable else 'missing':8s} {status.detail}")
+    print(f"forced backend: {get_backend() or 'none (automatic)'}")
+
+
+if __name__ == "__main__":
+    main()

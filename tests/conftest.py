@@ -1,0 +1,51 @@
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run under the interpreter on CPU tensors. It must be set before
+# triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import lora_kernels  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "bigmem: needs about 12 GB of free RAM")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def backend():
+    """Yields a function that forces a backend for the rest of the test, then restores the default."""
+    saved = lora_kernels.get_backend()
+    yield lora_kernels.set_backend
+    lora_kernels.set_backend(saved)
+
+
+def present_backends(device: str) -> list[str]:
+    """The compiled and Triton backends usable for tensors on `device` (the reference is the oracle)."""
+    status = lora_kernels.backends()
+    wanted = ("cuda", "triton") if device == "cuda" else ("cpu", "triton")
+    return [name for name in wanted if status[name].usable]
+
+
+def backend_params():
+    """(device, backend) pairs: every backend present here, GPU ones marked."""
+    params = []
+    for name in present_backends("cpu"):
+        params.append(pytest.param("cpu", name, id=f"cpu-{name}"))
+    for name in ("cuda", "triton"):
+        params.append(pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.gpu))
+    return params
