@@ -13,16 +13,15 @@ CPU_SHAPES = [(4096, 4096), (11008, 4096)]
 GPU_SHAPES = [(4096, 4096), (8192, 28672)]
 
 
-def _ours(device: torch.device, wanted: list[str] | None) -> list[str]:
+def _backends(device: torch.device, wanted: list[str] | None) -> tuple[list[str], list[str]]:
+    """(our backends to time on `device`, a line for each compiled or Triton one left out and why)."""
     status = lora_kernels.backends()
-    names = ["cuda", "triton", "torch"] if device.type == "cuda" else ["cpu", "torch"]
-    return [n for n in names if status[n].usable and (not wanted or n in wanted)]
-
-
-def _skipped(device: torch.device) -> list[str]:
-    status = lora_kernels.backends()
-    names = ["cuda", "triton"] if device.type == "cuda" else ["cpu", "triton"]
-    return [f"ours:{n} skipped: {status[n].detail}" for n in names if not status[n].usable]
+    timed = ["cuda", "triton", "torch"] if device.type == "cuda" else ["cpu", "torch"]
+    usable = [n for n in timed if status[n].usable and (not wanted or n in wanted)]
+    left_out = [f"ours:{n} skipped: {status[n].detail}" for n in timed if n != "torch" and not status[n].usable]
+    if device.type == "cpu":
+        left_out.append("ours:triton skipped: Triton runs on the CPU only under its interpreter, for tests")
+    return usable, left_out
 
 
 def _same(q, ref: dict) -> str:
@@ -36,7 +35,8 @@ def _same(q, ref: dict) -> str:
 def run(device: torch.device, quick: bool, wanted: list[str] | None, log) -> tuple[list[Row], list[dict]]:
     shapes = (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[: 1 if quick else None]
     budget = 0.3 if quick else 1.0
-    for line in _skipped(device):
+    ours, missing = _backends(device, wanted)
+    for line in missing:
         log(line)
     try:
         import bitsandbytes.functional as bnbF
@@ -56,7 +56,7 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log) -> tup
         quant_bytes = 2 * n + n // 2 + n // 64 + 4 * (n // 64 // 256)  # bf16 in; packed + codes + scales out
         name = f"{shape[0]}x{shape[1]} bf16"
         times = {}
-        for backend in _ours(device, wanted):
+        for backend in ours:
             lora_kernels.set_backend(backend)
             try:
                 q = lora_kernels.quantize_nf4(w)

@@ -19,6 +19,7 @@ Inputs are validated by the public functions in `api.py`; the ops assume valid i
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import NamedTuple
@@ -62,6 +63,13 @@ class BackendStatus(NamedTuple):
 
 def backends() -> dict[str, BackendStatus]:
     """Which backends are usable here and, for each missing one, why."""
+    return dict(_backend_status())
+
+
+@functools.cache
+def _backend_status() -> dict[str, BackendStatus]:
+    # Looked up once a process: what was built and which devices exist do not change, and every
+    # op call consults it.
     status = {}
     if not _ext_has("CUDA"):
         why = _EXT_ERROR or "the extension was built without CUDA sources"
@@ -105,7 +113,7 @@ _RUNS_ON = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpu": ("cpu",), "torc
 
 def pick_backend(device: torch.device) -> str:
     """The backend that runs an op on `device`."""
-    status = backends()
+    status = _backend_status()
     if _forced is not None:
         if device.type not in _RUNS_ON[_forced]:
             raise RuntimeError(f"backend {_forced!r} is forced but cannot run on a {device.type} tensor")

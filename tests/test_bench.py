@@ -36,7 +36,9 @@ def test_quick_run_writes_every_field(quick_run):
     assert list(out.glob("*.md"))
 
 
-def test_wrong_kernel_is_reported_not_timed(tmp_path, monkeypatch):
+def test_wrong_kernel_is_reported_not_timed(monkeypatch):
+    from bench import quant
+
     real = lora_kernels.ops.quantize_nf4_op
 
     def broken(w, blocksize):
@@ -44,20 +46,10 @@ def test_wrong_kernel_is_reported_not_timed(tmp_path, monkeypatch):
         return packed ^ 1, absmax  # flip one bit of every byte
 
     monkeypatch.setattr(lora_kernels.ops, "quantize_nf4_op", broken)
-    rows, _ = bench_quant_rows(tmp_path)
+    monkeypatch.setattr(quant, "CPU_SHAPES", [(256, 256)])
+    rows, _ = quant.run(torch.device("cpu"), True, ["torch"], lambda line: None)
     ours = [r for r in rows if r.impl == "ours:torch"]
     assert ours and all(r.correct is False and r.ms is None and "WRONG" in r.note for r in ours)
-
-
-def bench_quant_rows(tmp_path):
-    from bench import quant
-
-    monkeypatch_shapes = quant.CPU_SHAPES
-    try:
-        quant.CPU_SHAPES = [(256, 256)]
-        return quant.run(torch.device("cpu"), True, ["torch"], lambda line: None)
-    finally:
-        quant.CPU_SHAPES = monkeypatch_shapes
 
 
 def test_markdown_table_marks_untimed_rows():

@@ -53,8 +53,8 @@ int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, (1 << 15) 
 
 // codes[i] = the number of NF4 midpoints strictly below values[i]. The clamp to [-1, 1] in the spec
 // cannot change that count (every midpoint lies inside (-1, 1)), so it is left out. Written as
-// one flat loop over elements with a fixed inner loop, which GCC vectorizes at -O3; the AVX2
-// clone of the same loop runs 8 lanes wide where the CPU has AVX2.
+// one flat loop over elements with a fixed inner loop, which GCC vectorizes at -O3 (8 lanes wide
+// in the AVX2 clone of quantize_range below).
 LK_INLINE void encode_all(const float* __restrict__ values, int64_t len, uint8_t* __restrict__ codes) {
   static constexpr float kMids[15] = LK_NF4_MIDPOINTS;
   for (int64_t i = 0; i < len; ++i) {
