@@ -39,7 +39,8 @@ def _extensions():
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -ffp-contract=off: the scale decode rounds twice, as the spec does; no fused multiply-add.
-    cxx_flags = ["-O3", "-ffp-contract=off"]  # torch picks the C++ standard its headers need
+    # -fopenmp: at::parallel_for is an OpenMP loop in a header; without it our kernels run on one thread.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]  # torch picks the C++ standard its headers need
     define_macros = []
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -59,6 +60,7 @@ def _extensions():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],  # the libgomp.so.1 torch already loaded
         py_limited_api=False,
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)}
