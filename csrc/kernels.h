@@ -22,6 +22,10 @@ namespace cpu {
 // w: [n] of dtype; packed: [ceil(n / 2)]; absmax: [ceil(n / blocksize)]. A non-finite element
 // makes its block's absmax NaN or Inf, which the caller checks.
 void quantize_nf4(const void* w, DType dtype, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax);
+// Double quantization of the block scales: codes[i] and nested_absmax[i / 256] from absmax[i] - offset,
+// with bitsandbytes' 65536-entry table `lut` (see reference.quantize_blockwise_8bit).
+void quantize_scales_8bit(const float* absmax, int64_t n, float offset, const uint8_t* lut, uint8_t* codes,
+                          float* nested_absmax);
 // out: [n] of dtype.
 void dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, void* out,
                     DType dtype);

@@ -110,6 +110,20 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& w, int64_t
   return {packed, absmax};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cpu(const at::Tensor& absmax, const at::Tensor& lut) {
+  TORCH_CHECK(absmax.dim() == 1 && absmax.numel() > 0, "lora_kernels: absmax must be a non-empty flat tensor");
+  check_tensor(absmax, "absmax", at::kFloat, absmax.numel(), absmax.device());
+  check_tensor(lut, "lut", at::kByte, 65536, absmax.device());
+  const int64_t n = absmax.numel();
+  // torch's own mean, so the offset is the bits bitsandbytes stores
+  const at::Tensor offset = absmax.mean();
+  auto codes = at::empty({n}, absmax.options().dtype(at::kByte));
+  auto nested = at::empty({(n + 255) / 256}, absmax.options());
+  cpu::quantize_scales_8bit(absmax.data_ptr<float>(), n, offset.item<float>(), lut.data_ptr<uint8_t>(),
+                            codes.data_ptr<uint8_t>(), nested.data_ptr<float>());
+  return {codes, nested, offset};
+}
+
 at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                               const c10::optional<at::Tensor>& nested_absmax,
                               const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
@@ -156,6 +170,7 @@ at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absma
 
 TORCH_LIBRARY(lora_kernels_C, m) {
   m.def("quantize_nf4(Tensor w, int blocksize) -> (Tensor, Tensor)");
+  m.def("double_quantize(Tensor absmax, Tensor lut) -> (Tensor, Tensor, Tensor)");
   m.def(
       "dequantize_nf4(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
       "int blocksize, int numel, ScalarType dtype) -> Tensor");
@@ -163,6 +178,7 @@ TORCH_LIBRARY(lora_kernels_C, m) {
 
 TORCH_LIBRARY_IMPL(lora_kernels_C, CPU, m) {
   m.impl("quantize_nf4", &lora_kernels::quantize_nf4_cpu);
+  m.impl("double_quantize", &lora_kernels::double_quantize_cpu);
   m.impl("dequantize_nf4", &lora_kernels::dequantize_nf4_cpu);
 }
 

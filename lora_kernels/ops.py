@@ -179,8 +179,11 @@ def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, numel, dtyp
 @torch.library.custom_op("lora_kernels::double_quantize", mutates_args=())
 def double_quantize_op(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block scales fp32 [nblocks] -> (codes uint8 [nblocks], nested_absmax fp32 [ceil(nblocks/256)],
-    offset fp32 []). It works on numel / blocksize values, so every backend shares the reference;
-    being an op keeps torch.compile from re-deriving (and re-rounding) its arithmetic."""
+    offset fp32 []). It works on numel / blocksize values: the C++ backend has a kernel, the others
+    share the reference. Being an op keeps torch.compile from re-deriving (and re-rounding) its
+    arithmetic."""
+    if pick_backend(absmax.device) == "cpu":
+        return torch.ops.lora_kernels_C.double_quantize(absmax, reference.dynamic_map_lut("cpu"))
     return reference.double_quantize(absmax)
 
 

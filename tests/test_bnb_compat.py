@@ -75,3 +75,12 @@ def test_quant_storage_other_than_uint8():
     packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True, quant_storage=torch.bfloat16)
     q = NF4Weight.from_bnb(packed, qs)
     assert torch.equal(lora_kernels.dequantize_nf4(q), lora_kernels.dequantize_nf4(lora_kernels.quantize_nf4(w)))
+
+
+def test_equal_scales_match_bitsandbytes():
+    """absmax - offset all zero: bitsandbytes' zero-block rule for the nested codes."""
+    w = torch.linspace(-1, 1, 64).repeat(300)
+    packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    q = lora_kernels.quantize_nf4(w)
+    assert torch.equal(q.absmax, qs.absmax) and torch.equal(q.nested_absmax, qs.state2.absmax)
+    assert torch.equal(lora_kernels.dequantize_nf4(q), F.dequantize_4bit(packed, qs))

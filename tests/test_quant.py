@@ -124,3 +124,16 @@ def test_odd_count_pads_low_nibble_with_seven():
     q = lora_kernels.quantize_nf4(w)
     assert q.packed.numel() == 33
     assert (q.packed[-1] & 0xF).item() == 7
+
+
+@pytest.mark.parametrize("device,name", backend_params())
+def test_double_quant_of_equal_scales(device, name, backend):
+    """Every block has the same absmax, so absmax - offset is all zeros: bitsandbytes then stores
+    nested absmax 0 and codes 0, and the scales still decode exactly."""
+    skip_if_unusable(device, name)
+    w = torch.linspace(-1, 1, 64).repeat(300).to(device)
+    backend(name)
+    q = lora_kernels.quantize_nf4(w)
+    check_same_weight(q, reference.quantize_nf4(w, 64, True))
+    assert (q.absmax == 0).all() and (q.nested_absmax == 0).all()
+    assert torch.equal(q.block_scales(), torch.ones(300, device=device))

@@ -66,10 +66,13 @@ LK_INLINE void encode_all(const float* __restrict__ values, int64_t len, uint8_t
 }
 
 bool has_avx2();
+#if defined(__x86_64__)
+void scale_encode_pack_avx2(const float* values, int64_t len, float inverse, uint8_t* out);
+#endif
 
 // The whole per-block loop is inlined twice: once for the baseline ISA, once for AVX2 (8 lanes),
 // picked at run time.
-template <typename T>
+template <typename T, bool kAvx2 = false>
 LK_INLINE void quantize_range(const T* w, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax, int64_t first,
                     int64_t last) {
   float values[4096];
@@ -84,8 +87,14 @@ LK_INLINE void quantize_range(const T* w, int64_t n, int64_t blocksize, uint8_t*
     // is divided, and the tail stores the clamped divisor as its absmax.
     if (len == blocksize) {
       const float inverse = 1.0f / divisor;
-      for (int64_t i = 0; i < len; ++i) values[i] *= inverse;
       absmax[b] = amax;
+#if defined(__x86_64__)
+      if constexpr (kAvx2) {
+        scale_encode_pack_avx2(values, len, inverse, packed + start / 2);
+        continue;
+      }
+#endif
+      for (int64_t i = 0; i < len; ++i) values[i] *= inverse;
     } else {
       for (int64_t i = 0; i < len; ++i) values[i] /= divisor;
       absmax[b] = divisor;
@@ -102,7 +111,7 @@ LK_INLINE void quantize_range(const T* w, int64_t n, int64_t blocksize, uint8_t*
 template <typename T>
 __attribute__((target("avx2"))) void quantize_range_avx2(const T* w, int64_t n, int64_t blocksize, uint8_t* packed,
                                                          float* absmax, int64_t first, int64_t last) {
-  quantize_range(w, n, blocksize, packed, absmax, first, last);
+  quantize_range<T, true>(w, n, blocksize, packed, absmax, first, last);
 }
 #endif
 
@@ -128,6 +137,35 @@ void dequantize_scalar(const uint8_t* bytes, int64_t len, float scale, T* dst) {
 
 #if defined(__x86_64__)
 #define LK_AVX2 __attribute__((target("avx2,f16c")))
+
+// A full block, 32 elements a step: scale, encode (15 compares accumulated in int32 lanes), then
+// narrow to bytes and pack two codes a byte. Same arithmetic as the scalar path, bit for bit.
+LK_AVX2 void scale_encode_pack_avx2(const float* values, int64_t len, float inverse, uint8_t* out) {
+  static constexpr float kMids[15] = LK_NF4_MIDPOINTS;
+  __m256 mids[15];
+  for (int j = 0; j < 15; ++j) mids[j] = _mm256_set1_ps(kMids[j]);
+  const __m256 scale = _mm256_set1_ps(inverse);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i low_byte = _mm256_set1_epi16(0x00ff);
+  for (int64_t i = 0; i < len; i += 32) {
+    __m256i codes[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(values + i + 8 * k), scale);
+      __m256i count = _mm256_setzero_si256();
+      for (int j = 0; j < 15; ++j)  // a true compare is all ones (-1): subtracting it counts
+        count = _mm256_sub_epi32(count, _mm256_castps_si256(_mm256_cmp_ps(x, mids[j], _CMP_GT_OQ)));
+      codes[k] = count;
+    }
+    // 32 int32 codes -> 32 bytes in element order (the packs interleave 128-bit lanes; `order` undoes it)
+    const __m256i bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packus_epi16(_mm256_packus_epi32(codes[0], codes[1]), _mm256_packus_epi32(codes[2], codes[3])), order);
+    // each 16-bit lane holds (first, second): make it (first << 4) | second in its low byte
+    const __m256i pairs =
+        _mm256_and_si256(_mm256_or_si256(_mm256_slli_epi16(bytes, 4), _mm256_srli_epi16(bytes, 8)), low_byte);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi16(pairs, pairs), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), _mm256_castsi256_si128(packed));
+  }
+}
 
 // 8 fp32 -> 8 bf16 bit patterns, round to nearest even (the values are finite): (bits + 0x7fff + lsb) >> 16.
 LK_AVX2 inline __m128i round_to_bf16(__m256 v) {
@@ -258,6 +296,35 @@ void quantize_nf4(const void* w, DType dtype, int64_t n, int64_t blocksize, uint
 #endif
       quantize_range(static_cast<const T*>(w), n, blocksize, packed, absmax, first, last);
     });
+  });
+}
+
+void quantize_scales_8bit(const float* absmax, int64_t n, float offset, const uint8_t* lut, uint8_t* codes,
+                          float* nested_absmax) {
+  const int64_t nblocks = (n + kNestedBlocksize - 1) / kNestedBlocksize;
+  at::parallel_for(0, nblocks, 64, [&](int64_t first, int64_t last) {
+    float centered[kNestedBlocksize];
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t start = b * kNestedBlocksize;
+      const int64_t len = std::min<int64_t>(kNestedBlocksize, n - start);
+      float amax = 0.0f;
+      for (int64_t i = 0; i < len; ++i) {
+        centered[i] = absmax[start + i] - offset;
+        amax = std::max(amax, std::fabs(centered[i]));
+      }
+      nested_absmax[b] = amax;
+      if (amax == 0.0f) {  // bitsandbytes: a block of zeros gets codes 0
+        std::memset(codes + start, 0, len);
+        continue;
+      }
+      const float inverse = 1.0f / amax;
+      for (int64_t i = 0; i < len; ++i) {
+        const float v = std::min(std::max(centered[i] * inverse, -1.0f), 1.0f);
+        // each step rounded to fp32 on its own (-ffp-contract=off): ((v + 1) * 0.5) * 65535 + 0.5, truncated
+        const float position = ((v + 1.0f) * 0.5f) * 65535.0f + 0.5f;
+        codes[start + i] = lut[std::min<int64_t>(static_cast<int64_t>(position), 65535)];
+      }
+    }
   });
 }
 
