@@ -61,7 +61,7 @@ def _quantize_kernel(w_ptr, packed_ptr, absmax_ptr, n, BS: tl.constexpr, BLOCKS:
     # bitsandbytes 0.50: full blocks multiply by the fp32 reciprocal, the partial tail divides
     tail = start + BS > n
     inverse = tl.math.div_rn(tl.full(divisor.shape, 1.0, tl.float32), divisor)
-    d2 = divisor[:, None]
+    d2 = tl.broadcast_to(divisor[:, None], x0.shape)  # div_rn takes operands of one shape
     s0 = tl.where(tail[:, None], tl.math.div_rn(x0, d2), x0 * inverse[:, None])
     s1 = tl.where(tail[:, None], tl.math.div_rn(x1, d2), x1 * inverse[:, None])
     c0 = _nf4_encode(s0)
