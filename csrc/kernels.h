@@ -18,6 +18,31 @@ struct BlockScales {
   const float* offset = nullptr;  // one value (a device pointer for CUDA)
 };
 
+// An NF4 weight W [rows, cols] (rows = out_features, cols = in_features), row-major, quantized in
+// blocks of `blocksize` consecutive elements of the flat index, two codes a byte, the first in the
+// high nibble (bitsandbytes' layout). The fused matmul kernels need cols % blocksize == 0 (no block
+// straddles two rows); the caller routes other shapes to dequantize + GEMM.
+struct Nf4Matrix {
+  const uint8_t* packed = nullptr;
+  BlockScales scales;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t blocksize = 64;
+};
+
+// Terms a fused matmul adds to its fp32 accumulator before the one rounding to the output dtype:
+//   out[m, n] = acc[m, n] + lora_scaling * sum_j lora_left[m, j] * lora_right[n, j] + bias[n]
+// lora_left [M, rank] and lora_right [N, rank] are row-major, contiguous, both of `lora_dtype`
+// (rank = 0 or lora_left == nullptr: no LoRA term); bias [N] has the output dtype (nullptr: none).
+struct Epilogue {
+  const void* lora_left = nullptr;
+  const void* lora_right = nullptr;
+  DType lora_dtype = DType::kFP32;
+  int64_t rank = 0;
+  float lora_scaling = 0.f;
+  const void* bias = nullptr;
+};
+
 namespace cpu {
 // w: [n] of dtype; packed: [ceil(n / 2)]; absmax: [ceil(n / blocksize)]. A non-finite element
 // makes its block's absmax NaN or Inf, which the caller checks.
@@ -29,6 +54,10 @@ void quantize_scales_8bit(const float* absmax, int64_t n, float offset, const ui
 // out: [n] of dtype.
 void dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, void* out,
                     DType dtype);
+// Fused NF4 GEMV / small GEMM: out [M, w.rows] = x [M, w.cols] . deq(W)^T + epilogue, in one pass over
+// the packed bytes (unpack, table lookup, multiply-add in fp32), multi-threaded over output rows.
+// x and out are row-major contiguous in `dtype` (bf16 or fp32). Needs w.cols % w.blocksize == 0.
+void nf4_linear_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out);
 }  // namespace cpu
 
 namespace cuda {
@@ -38,6 +67,13 @@ int quantize_nf4(const void* w, DType dtype, int64_t n, int64_t blocksize, uint8
                  void* stream);
 int dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, void* out,
                    DType dtype, void* stream);
+// The decode / small-batch kernel: out [M, w.rows] = x [M, w.cols] . deq(W)^T + epilogue, for
+// 1 <= M <= kDecodeMaxRows, reading the packed bytes and the (double-quantized) scales directly: no
+// dequantized weight is written anywhere. x and out row-major contiguous bf16 or fp16; fp32
+// accumulation. Needs w.cols % w.blocksize == 0 and 16-byte aligned packed / x rows (the caller checks).
+constexpr int64_t kDecodeMaxRows = 16;
+int nf4_linear_decode(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out,
+                      void* stream);
 }  // namespace cuda
 
 }  // namespace lora_kernels
