@@ -240,3 +240,29 @@ def dequantize_nf4(
     for d in shape:
         numel *= d
     return dequantize_nf4_blocks(packed, absmax, blocksize, numel, dtype).reshape(shape)
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    lora_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The QLoRA layer, as PEFT computes it on a bitsandbytes Linear4bit.
+
+    x: [..., in] in the compute dtype; weight: the dequantized base [out, in]; lora_A: [r, in];
+    lora_B: [out, r] (fp32 or the compute dtype); bias: [out] or None; lora_input: the LoRA branch's
+    input when it differs from x (dropout), else None. Returns [..., out] in x.dtype:
+
+        y = x . weight^T + bias + (scaling * (lora_input . A^T) . B^T) in x.dtype
+
+    The LoRA branch runs in the adapters' dtype and is rounded to x.dtype before the sum (PEFT).
+    Gradients come from autograd; this function is the oracle the kernels are tested against.
+    """
+    base = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+    branch_input = x if lora_input is None else lora_input
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(branch_input.to(lora_A.dtype), lora_A), lora_B)
+    return base + (lora * scaling).to(x.dtype)

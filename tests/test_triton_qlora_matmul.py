@@ -1,0 +1,209 @@
+"""triton_ops.qlora_matmul.nf4_linear against a plain PyTorch oracle, and its compile for sm_80/sm_90.
+
+Oracle: W dequantized by the spec (reference.dequantize_nf4_blocks) and rounded once to x's dtype,
+as the kernel must round it to feed tl.dot in that dtype on the GPU (for fp32 x this is the fp32
+dequantization itself); then matmul, LoRA and bias all in fp32, unrounded.
+
+Under the interpreter each program is about 1 ms per K step, and the interpreter config tiles
+16 x 32 x 32: the largest case here (M = 17, 130 x 70) is 2 x 5 = 10 programs of 5 K steps.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lora_kernels import reference  # noqa: E402
+from triton_ops.qlora_matmul import nf4_linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
+# (rows, cols, blocksize): aligned; blocks straddling rows (70 % 64); odd rows * cols with
+# straddling 32-blocks (33 * 45 = 1485); one block spanning many rows.
+SHAPES = [(64, 128, 64), (130, 70, 64), (33, 45, 32), (96, 192, 4096)]
+# epilogue: (lora rank or None, bias)
+EPILOGUES = [(None, False), (None, True), (1, False), (8, True)]
+
+
+def tolerance(dtype, ref):
+    """Allowed |out - ref| elementwise, with its reason."""
+    scale = ref.abs().max().item()
+    if dtype == torch.float32:
+        # same products, same fp32 accumulator: only the summation order differs
+        return 1e-5 * scale
+    # one rounding of the output to a 16-bit type: half an ulp, at most 2^-8 (bf16) or 2^-11 (fp16)
+    # of the value; allow a whole ulp for a rounding flipped by the summation order, plus a small
+    # atol for values that cancel to near zero
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    return ulp * ref.abs() + 1e-5 * scale
+
+
+def make_case(rows, cols, blocksize, M, transpose, dtype, rank, with_bias, lora_dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    packed, absmax = reference.quantize_nf4_blocks(w, blocksize)
+    K, N = (rows, cols) if transpose else (cols, rows)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    left = right = None
+    if rank is not None:
+        left = torch.randn(M, rank, generator=g).to(lora_dtype)
+        right = (torch.randn(N, rank, generator=g) * 0.1).to(lora_dtype)
+    bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
+    on = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return dict(
+        x=on(x), packed=on(packed), absmax=on(absmax), blocksize=blocksize, rows=rows, cols=cols,
+        transpose=transpose, lora_left=on(left), lora_right=on(right), lora_scaling=0.5, bias=on(bias),
+    )
+
+
+def oracle(x, packed, absmax, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias):
+    w = reference.dequantize_nf4_blocks(packed, absmax, blocksize, rows * cols, x.dtype).float()
+    w = w.reshape(rows, cols)
+    out = x.float() @ (w if transpose else w.T)
+    if lora_left is not None:
+        out = out + lora_scaling * (lora_left.float() @ lora_right.float().T)
+    if bias is not None:
+        out = out + bias.float()
+    return out
+
+
+def check(case):
+    got = nf4_linear(**case)
+    want = oracle(**case)
+    x = case["x"]
+    assert got.dtype == x.dtype and got.shape == want.shape
+    err = (got.float() - want).abs()
+    tol = tolerance(x.dtype, want)
+    bad = err > tol
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outside tolerance; max error {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("transpose", [False, True], ids=["fwd", "dx"])
+@pytest.mark.parametrize("rows,cols,blocksize", SHAPES)
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_matches_oracle(M, rows, cols, blocksize, transpose, dtype):
+    # the epilogue varies with the case instead of multiplying the grid by four
+    index = (SHAPES.index((rows, cols, blocksize)) + [1, 3, 17].index(M) + transpose) % len(EPILOGUES)
+    rank, with_bias = EPILOGUES[index]
+    check(make_case(rows, cols, blocksize, M, transpose, dtype, rank, with_bias))
+
+
+@pytest.mark.parametrize("rank,with_bias", EPILOGUES, ids=lambda v: str(v))
+@pytest.mark.parametrize("transpose", [False, True], ids=["fwd", "dx"])
+def test_every_epilogue(rank, with_bias, transpose):
+    check(make_case(130, 70, 64, 17, transpose, torch.bfloat16, rank, with_bias))
+
+
+@pytest.mark.parametrize("rank", [16, 100, 128])  # one BLOCK_R chunk, ragged chunks, two full chunks
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lora_ranks_and_dtypes(rank, lora_dtype):
+    check(make_case(64, 128, 64, 3, False, torch.bfloat16, rank, True, lora_dtype=lora_dtype))
+
+
+def test_many_row_tiles():
+    """M = 145: ten row tiles of 16 under the interpreter, more than one GROUP_M group of 8."""
+    check(make_case(64, 96, 64, 145, False, torch.bfloat16, 8, True))
+    check(make_case(64, 96, 64, 145, True, torch.float32, 8, True))
+
+
+def test_mixed_lora_dtypes():
+    case = make_case(64, 128, 64, 3, True, torch.float32, 8, False)
+    case["lora_right"] = case["lora_right"].to(torch.bfloat16)
+    check(case)
+
+
+def test_strided_inputs():
+    """Stride-0 and transposed views are made contiguous, not read as garbage."""
+    case = make_case(64, 128, 64, 3, False, torch.float32, 8, True)
+    case["x"] = case["x"][:1].expand(3, -1)  # stride 0 along M
+    case["lora_left"] = case["lora_left"].t().contiguous().t()  # column-major
+    case["bias"] = case["bias"][:1].expand(64)
+    check(case)
+
+
+def test_empty_batch():
+    case = make_case(64, 128, 64, 1, False, torch.bfloat16, None, False)
+    case["x"] = case["x"][:0]
+    assert nf4_linear(**case).shape == (0, 64)
+
+
+# ---- compile for real GPUs without one -------------------------------------------------------
+
+ARCHS = [80, 90]
+
+_SCRIPT = r"""
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton_ops import qlora_matmul
+
+kernel = qlora_matmul._nf4_matmul_kernel.fn  # the jitted function under @triton.autotune
+
+def compile_ptx(dtype, arch, bm, bn, bk, warps, stages, fixed):
+    ptr = f"*{dtype}"
+    signature = {
+        "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+        "lora_left_ptr": ptr, "lora_right_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr,
+        "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", "stride_wk": "i32", "stride_wn": "i32",
+        "rank": "i32", "lora_scaling": "fp32",
+    }
+    constexprs = dict(
+        BS=64, HAS_LORA=True, HAS_BIAS=True, DOT_FP32=dtype == "fp32", INTERPRET=False,
+        LORA_DOT_FP32=dtype == "fp32", BLOCK_R=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+    )
+    constexprs.update(fixed)  # a stride of 1 is specialized at launch, as Triton does for ints equal to 1
+    signature.update({k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    return k.asm["ptx"]
+
+def summary(ptx):
+    return {
+        "mma": sorted(set(re.findall(r"\b(?:mma\.sync|wgmma\.mma_async)[\w.]*", ptx))),
+        "cvt": sorted(set(re.findall(r"\bcvt\.\w+\.(?:bf16|f16)(?:x2)?\.f32\b", ptx))),
+    }
+
+out = {}
+for arch in ARCHS:
+    for name, fixed in (("fwd", {"stride_wk": 1}), ("dx", {"stride_wn": 1})):
+        out[f"bf16-large-{name}-{arch}"] = summary(compile_ptx("bf16", arch, 64, 128, 64, 4, 3, fixed))
+    out[f"bf16-small-fwd-{arch}"] = summary(compile_ptx("bf16", arch, 16, 64, 128, 4, 4, {"stride_wk": 1}))
+    out[f"fp32-large-fwd-{arch}"] = summary(compile_ptx("fp32", arch, 64, 64, 64, 4, 3, {"stride_wk": 1}))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"ARCHS = {ARCHS!r}\n" + _SCRIPT
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        if "ptxas" in run.stderr or "GPUTarget" in run.stderr:
+            pytest.skip(f"cannot compile Triton for a GPU here: {run.stderr.strip().splitlines()[-1]}")
+        raise AssertionError(run.stderr)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", ["bf16-large-fwd", "bf16-large-dx", "bf16-small-fwd"])
+def test_bf16_kernel_compiles_to_tensor_cores(compiled, variant, arch):
+    ops = compiled[f"{variant}-{arch}"]
+    assert any("bf16" in op for op in ops["mma"]), ops  # bf16 operands on tensor cores, not FMA loops
+    assert ops["cvt"] and all(op.startswith("cvt.rn.") for op in ops["cvt"]), ops  # round to nearest
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_kernel_compiles(compiled, arch):
+    ops = compiled[f"fp32-large-fwd-{arch}"]
+    # input_precision="ieee": fp32 x is multiplied in fp32, not tf32 on tensor cores
+    assert not any("tf32" in op for op in ops["mma"]), ops
