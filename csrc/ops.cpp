@@ -3,6 +3,7 @@
 // and call these. Loaded as `lora_kernels._C`, a Python module with no Python functions.
 #include <Python.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #ifdef LK_WITH_CUDA
@@ -134,6 +135,128 @@ at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax
   return out;
 }
 
+// ---- nf4_matmul: out = x . deq(W)^T (or x . deq(W) when transposed) + lora_scaling * left . right^T + bias ----
+
+// Routes of nf4_matmul; the Python dispatcher picks one from its table, 0 lets the C++ side choose.
+enum Route : int64_t { kAuto = 0, kFused = 1, kDequantGemm = 2 };
+
+struct MatmulArgs {
+  Nf4Matrix w;
+  Epilogue epi;
+  int64_t M = 0, N = 0, K = 0;
+  bool fusable = false;  // the shape and layout the fused kernels need
+};
+
+MatmulArgs check_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                        const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                        const c10::optional<at::Tensor>& offset, int64_t blocksize, int64_t rows, int64_t cols,
+                        bool transpose, const c10::optional<at::Tensor>& lora_left,
+                        const c10::optional<at::Tensor>& lora_right, double lora_scaling,
+                        const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(rows > 0 && cols > 0, "lora_kernels: weight shape must be positive, got [", rows, ", ", cols, "]");
+  MatmulArgs a;
+  a.w.scales = scales_of(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows * cols);
+  a.w.packed = packed.data_ptr<uint8_t>();
+  a.w.rows = rows;
+  a.w.cols = cols;
+  a.w.blocksize = blocksize;
+  to_dtype(x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lora_kernels: nf4_matmul takes a contiguous 2-D x, got ", x.sizes());
+  TORCH_CHECK(x.device() == packed.device(), "lora_kernels: x is on ", x.device(), ", the weight on ", packed.device());
+  a.M = x.size(0);
+  a.K = transpose ? rows : cols;
+  a.N = transpose ? cols : rows;
+  TORCH_CHECK(x.size(1) == a.K, "lora_kernels: x has ", x.size(1), " features, the weight expects ", a.K);
+  if (lora_left.has_value()) {
+    TORCH_CHECK(lora_right.has_value(), "lora_kernels: lora_left and lora_right come together");
+    const auto& l = *lora_left;
+    const auto& r = *lora_right;
+    TORCH_CHECK(l.dim() == 2 && r.dim() == 2 && l.size(0) == a.M && r.size(0) == a.N && l.size(1) == r.size(1),
+                "lora_kernels: lora_left must be [", a.M, ", r] and lora_right [", a.N, ", r], got ", l.sizes(),
+                " and ", r.sizes());
+    TORCH_CHECK(l.scalar_type() == r.scalar_type() && l.is_contiguous() && r.is_contiguous(),
+                "lora_kernels: lora_left and lora_right must be contiguous and of one dtype");
+    TORCH_CHECK(l.device() == x.device() && r.device() == x.device(), "lora_kernels: LoRA factors on another device");
+    a.epi.lora_left = l.data_ptr();
+    a.epi.lora_right = r.data_ptr();
+    a.epi.lora_dtype = to_dtype(l.scalar_type());
+    a.epi.rank = l.size(1);
+    a.epi.lora_scaling = static_cast<float>(lora_scaling);
+  }
+  if (bias.has_value()) {
+    check_tensor(*bias, "bias", x.scalar_type(), a.N, x.device());
+    a.epi.bias = bias->data_ptr();
+  }
+  a.fusable = !transpose && cols % blocksize == 0 && a.M > 0;
+  return a;
+}
+
+// The unfused epilogue, in the output dtype: out += lora_scaling * left . right^T; out += bias.
+void add_epilogue(at::Tensor& out, const c10::optional<at::Tensor>& lora_left,
+                  const c10::optional<at::Tensor>& lora_right, double lora_scaling,
+                  const c10::optional<at::Tensor>& bias) {
+  if (lora_left.has_value() && lora_left->size(1) > 0)
+    out.addmm_(lora_left->to(out.scalar_type()), lora_right->to(out.scalar_type()).t(), 1.0, lora_scaling);
+  if (bias.has_value()) out.add_(*bias);
+}
+
+// CPU rows of x up to which the fused kernel beats dequantize + GEMM (measured by `python -m bench`,
+// Xeon with AMX, 2 threads: see bench/results). The Python dispatcher keeps the same table.
+constexpr int64_t kCpuFusedMaxRows = 8;
+// The dequantized tile each thread feeds to the GEMM: small enough to stay in its L2.
+constexpr int64_t kCpuTileBytes = int64_t(1) << 20;
+
+at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const c10::optional<at::Tensor>& nested_absmax,
+                          const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                          int64_t blocksize, int64_t rows, int64_t cols, bool transpose,
+                          const c10::optional<at::Tensor>& lora_left, const c10::optional<at::Tensor>& lora_right,
+                          double lora_scaling, const c10::optional<at::Tensor>& bias, int64_t route) {
+  MatmulArgs a = check_matmul(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols,
+                              transpose, lora_left, lora_right, lora_scaling, bias);
+  if (route == kAuto) route = a.fusable && a.M <= kCpuFusedMaxRows ? kFused : kDequantGemm;
+  TORCH_CHECK(route == kDequantGemm || (route == kFused && a.fusable),
+              "lora_kernels: the fused CPU route needs a forward matmul with in_features a multiple of the "
+              "blocksize; got route ", route, ", transpose=", transpose, ", in_features=", cols);
+  const auto dtype = x.scalar_type();
+  auto out = at::empty({a.M, a.N}, x.options());
+  if (a.M == 0) return out;
+  if (route == kFused) {
+    cpu::nf4_linear_fused(x.data_ptr(), to_dtype(dtype), a.M, a.w, a.epi, out.data_ptr());
+    return out;
+  }
+  // Dequantize + GEMM. The scales are decoded once (numel / blocksize floats).
+  const int64_t nblocks = (rows * cols + blocksize - 1) / blocksize;
+  at::Tensor scales = at::empty({nblocks}, x.options().dtype(at::kFloat));
+  cpu::decode_scales(a.w.scales, nblocks, scales.data_ptr<float>());
+  BlockScales plain;
+  plain.absmax = scales.data_ptr<float>();
+  if (transpose || cols % blocksize != 0) {
+    // One dequantized copy of W, then one GEMM (the backward's dx, or a layer whose blocks straddle rows).
+    at::Tensor wt = at::empty({rows, cols}, x.options());
+    cpu::dequantize_nf4(a.w.packed, plain, blocksize, rows * cols, wt.data_ptr(), to_dtype(dtype));
+    out = transpose ? at::mm(x, wt) : at::mm(x, wt.t());
+  } else {
+    // Forward: each thread dequantizes a tile of W's rows into its own L2-sized buffer and runs a
+    // single-threaded GEMM on it, writing its columns of out; W is never dequantized whole.
+    const int64_t tile = std::max<int64_t>(1, kCpuTileBytes / (cols * static_cast<int64_t>(x.element_size())));
+    const int64_t ntiles = (rows + tile - 1) / tile;
+    at::parallel_for(0, ntiles, 1, [&](int64_t first, int64_t last) {
+      at::Tensor buf = at::empty({tile, cols}, x.options());
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t n0 = t * tile, nn = std::min(tile, rows - n0);
+        BlockScales part;
+        part.absmax = plain.absmax + n0 * cols / blocksize;
+        cpu::dequantize_nf4(a.w.packed + n0 * cols / 2, part, blocksize, nn * cols, buf.data_ptr(), to_dtype(dtype));
+        auto dst = out.narrow(1, n0, nn);
+        at::mm_out(dst, x, buf.narrow(0, 0, nn).t());
+      }
+    });
+  }
+  add_epilogue(out, lora_left, lora_right, lora_scaling, bias);
+  return out;
+}
+
 #ifdef LK_WITH_CUDA
 void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, "lora_kernels: CUDA ", what, " launch failed with cudaError ", err);
@@ -174,12 +297,17 @@ TORCH_LIBRARY(lora_kernels_C, m) {
   m.def(
       "dequantize_nf4(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
       "int blocksize, int numel, ScalarType dtype) -> Tensor");
+  m.def(
+      "nf4_matmul(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, int rows, int cols, bool transpose, Tensor? lora_left, Tensor? lora_right, "
+      "float lora_scaling, Tensor? bias, int route) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels_C, CPU, m) {
   m.impl("quantize_nf4", &lora_kernels::quantize_nf4_cpu);
   m.impl("double_quantize", &lora_kernels::double_quantize_cpu);
   m.impl("dequantize_nf4", &lora_kernels::dequantize_nf4_cpu);
+  m.impl("nf4_matmul", &lora_kernels::nf4_matmul_cpu);
 }
 
 #ifdef LK_WITH_CUDA

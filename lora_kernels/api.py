@@ -67,3 +67,92 @@ def _check_finite(absmax: torch.Tensor, blocksize: int) -> None:
             f"{block * blocksize}..{(block + 1) * blocksize - 1} of the flattened tensor); "
             "NF4 cannot represent them"
         )
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    qweight: NF4Weight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    lora_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x . deq(W)^T + scaling * (dropout(x) . A^T) . B^T + bias, with autograd.
+
+    x: [..., in] bf16 / fp16 / fp32 (the compute dtype; the output has it too); qweight: NF4 [out, in];
+    lora_A: [r, in]; lora_B: [out, r], fp32 or the compute dtype, one dtype for both; bias: [out] or None.
+    dropout_p / training: dropout on the LoRA branch's input, as PEFT's lora_dropout. lora_input:
+    [..., in], the branch input to use instead (e.g. a mask applied by the caller); overrides dropout.
+    W gets no gradient; x, A, B and bias get theirs when they require it. Without any gradient to
+    compute, the call goes straight to the compiled kernel (no Python op, no autograd record).
+    """
+    out_features, in_features = _check_qlora_args(x, qweight, lora_A, lora_B, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if lora_input is not None:
+        if lora_input.shape != x.shape:
+            raise ValueError(f"lora_input has shape {tuple(lora_input.shape)}, x has {tuple(x.shape)}")
+        lora_input = lora_input.reshape(-1, in_features).contiguous()
+    elif training and dropout_p > 0.0:
+        lora_input = torch.nn.functional.dropout(x2, dropout_p, True)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    q = qweight
+    wants_grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or lora_A.requires_grad
+        or lora_B.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or (lora_input is not None and lora_input.requires_grad)
+    )
+    if wants_grad:
+        y, _ = ops.qlora_linear_op(
+            x2, lora_input, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize,
+            out_features, lora_A, lora_B, float(scaling), bias,
+        )
+    else:
+        branch = x2 if lora_input is None else lora_input
+        xa = branch.to(lora_A.dtype) @ lora_A.t()
+        y = ops.nf4_matmul(
+            x2, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, out_features,
+            in_features, False, xa, lora_B, float(scaling), bias,
+        )
+    return y.view(*lead, out_features)
+
+
+def _check_qlora_args(x, qweight, lora_A, lora_B, bias) -> tuple[int, int]:
+    """Validate once at the boundary; returns (out_features, in_features)."""
+    if not isinstance(qweight, NF4Weight):
+        raise TypeError(f"qweight must be an NF4Weight, got {type(qweight).__name__}")
+    if len(qweight.shape) != 2:
+        raise ValueError(f"qweight must be a 2-D [out, in] weight, got shape {tuple(qweight.shape)}")
+    out_features, in_features = qweight.shape
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features (shape {tuple(x.shape)}), "
+                         f"the layer expects {in_features}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    if x.device != qweight.device:
+        raise ValueError(f"x is on {x.device} but the layer's weight is on {qweight.device}; move one with .to()")
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_A must be [r, in] and lora_B [out, r] with r >= 1, got {tuple(lora_A.shape)} "
+                         f"and {tuple(lora_B.shape)}")
+    rank = lora_A.shape[0]
+    if tuple(lora_A.shape) != (rank, in_features) or tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(f"lora_A must be [{rank}, {in_features}] and lora_B [{out_features}, {rank}], got "
+                         f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"lora_A and lora_B must share a float dtype, got {lora_A.dtype} and {lora_B.dtype}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be [{out_features}], got {tuple(bias.shape)}")
+    return out_features, in_features

@@ -196,3 +196,242 @@ def _(absmax: torch.Tensor):
         absmax.new_empty((nested,), dtype=torch.float32),
         absmax.new_empty((), dtype=torch.float32),
     )
+
+
+# ---- the fused NF4 matmul ---------------------------------------------------------------------
+#
+#     nf4_matmul(x, W, transpose, lora_left, lora_right, lora_scaling, bias)
+#         transpose=False: x [M, in]  -> [M, out] = x . deq(W)^T + lora_scaling * left . right^T + bias
+#         transpose=True:  x [M, out] -> [M, in]  = x . deq(W)   + (the same epilogue)
+#
+# W is an NF4 matrix [out, in] given by its stored tensors. Routes: "fused" (the kernel reads the
+# packed bytes; no dequantized weight is ever written) and "dequant_gemm" (dequantize into a buffer,
+# then the vendor GEMM). Which backend offers which route:
+ROUTES = {"cuda": ("fused", "dequant_gemm"), "triton": ("fused",), "cpu": ("fused", "dequant_gemm"), "torch": ("dequant_gemm",)}
+_ROUTE_CODES = {"fused": 1, "dequant_gemm": 2}
+
+# The largest M for which the fused route is picked, per (backend, device architecture); above it
+# dequantize + GEMM wins. CPU: measured with `python -m bench --suite forward` on the Xeon (AMX,
+# 2 threads) this project's CI uses, where the fused GEMV beats oneDNN's bf16 GEMM up to about
+# 8 rows. CUDA: the decode kernel's own limit (kDecodeMaxRows); not yet measured on a GPU. Where
+# an architecture is missing, the "default" entry applies.
+FUSED_MAX_ROWS = {
+    "cpu": {"default": 8},
+    "cuda": {"default": 16},
+}
+
+_forced_route: str | None = None
+
+
+def set_route(name: str | None) -> None:
+    """Force a route ("fused" or "dequant_gemm") for every nf4 matmul, or None for the table's choice.
+    For tests and benchmarks; a backend that lacks the route raises when asked to run it."""
+    global _forced_route
+    if name is not None and name not in _ROUTE_CODES:
+        raise ValueError(f"unknown route {name!r}; choose one of {tuple(_ROUTE_CODES)} or None")
+    _forced_route = name
+
+
+def get_route() -> str | None:
+    return _forced_route
+
+
+def _arch(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm_{major}{minor}"
+    return "default"
+
+
+def choose_route(backend: str, device: torch.device, M: int, cols: int, blocksize: int, transpose: bool) -> tuple[str, str]:
+    """(route, why) for one nf4 matmul: the forced route, or the table's choice."""
+    offered = ROUTES[backend]
+    fusable = not transpose and cols % blocksize == 0
+    if _forced_route is not None:
+        if _forced_route not in offered:
+            raise RuntimeError(f"route {_forced_route!r} is forced but backend {backend!r} offers only {offered}")
+        if _forced_route == "fused" and backend != "triton" and not fusable:
+            raise RuntimeError(
+                f"route 'fused' is forced but backend {backend!r} fuses only the forward matmul with "
+                f"in_features ({cols}) a multiple of the blocksize ({blocksize})"
+            )
+        return _forced_route, "forced with set_route()"
+    if len(offered) == 1:
+        return offered[0], f"the only route backend {backend!r} has"
+    if not fusable:
+        why = "a transposed matmul (backward)" if transpose else f"in_features {cols} is not a multiple of {blocksize}"
+        return "dequant_gemm", f"{why}: the fused kernel does not cover it"
+    table = FUSED_MAX_ROWS[backend]
+    arch = _arch(device)
+    limit = table.get(arch, table["default"])
+    if M <= limit:
+        return "fused", f"M={M} <= {limit}, the fused kernel's measured range on {backend}/{arch}"
+    return "dequant_gemm", f"M={M} > {limit}: dequantize + GEMM measured faster on {backend}/{arch}"
+
+
+def explain(device: torch.device | str, M: int, in_features: int, blocksize: int = 64, transpose: bool = False) -> dict:
+    """Which backend and route a matmul of M rows would take here, and why."""
+    device = torch.device(device)
+    backend = pick_backend(device)
+    route, why = choose_route(backend, device, M, in_features, blocksize, transpose)
+    return {"backend": backend, "route": route, "why": why}
+
+
+def nf4_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    rows: int,
+    cols: int,
+    transpose: bool,
+    lora_left: torch.Tensor | None = None,
+    lora_right: torch.Tensor | None = None,
+    lora_scaling: float = 0.0,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dispatch one nf4 matmul (see above). x: contiguous [M, K]; inputs already validated."""
+    backend = pick_backend(x.device)
+    route, _ = choose_route(backend, x.device, x.shape[0], cols, blocksize, transpose)
+    if backend in ("cuda", "cpu"):
+        return torch.ops.lora_kernels_C.nf4_matmul(
+            x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, transpose,
+            lora_left, lora_right, lora_scaling, bias, _ROUTE_CODES[route],
+        )
+    if backend == "triton":
+        return nf4_matmul_triton_op(
+            x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, transpose,
+            lora_left, lora_right, lora_scaling, bias,
+        )
+    weight = dequantize_nf4_op(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows * cols, x.dtype)
+    weight = weight.view(rows, cols)
+    out = x @ weight if transpose else x @ weight.t()
+    if lora_left is not None:
+        out = out + (lora_scaling * (lora_left @ lora_right.t())).to(out.dtype)
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def _matmul_out_shape(x: torch.Tensor, rows: int, cols: int, transpose: bool) -> tuple[int, int]:
+    return (x.shape[0], cols if transpose else rows)
+
+
+@torch.library.register_fake("lora_kernels_C::nf4_matmul")
+def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, transpose,
+      lora_left, lora_right, lora_scaling, bias, route):
+    return x.new_empty(_matmul_out_shape(x, rows, cols, transpose))
+
+
+@torch.library.custom_op("lora_kernels::nf4_matmul_triton", mutates_args=())
+def nf4_matmul_triton_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    rows: int,
+    cols: int,
+    transpose: bool,
+    lora_left: torch.Tensor | None,
+    lora_right: torch.Tensor | None,
+    lora_scaling: float,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    from triton_ops import qlora_matmul
+
+    if nested_absmax is not None:  # numel / blocksize values, decoded exactly by the reference
+        absmax = reference.dequantize_absmax(absmax, nested_absmax, nested_code, offset)
+    return qlora_matmul.nf4_linear(
+        x, packed, absmax, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias
+    )
+
+
+@nf4_matmul_triton_op.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, transpose,
+      lora_left, lora_right, lora_scaling, bias):
+    return x.new_empty(_matmul_out_shape(x, rows, cols, transpose))
+
+
+# ---- the QLoRA layer with autograd --------------------------------------------------------------
+@torch.library.custom_op("lora_kernels::qlora_linear", mutates_args=())
+def qlora_linear_op(
+    x: torch.Tensor,
+    lora_input: torch.Tensor | None,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    out_features: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, in] contiguous; lora_input: [M, in] (dropout applied) or None for x itself.
+    Returns (y [M, out], xa = lora_input . A^T [M, r] in A's dtype, kept for the backward)."""
+    branch = x if lora_input is None else lora_input
+    xa = branch.to(lora_A.dtype) @ lora_A.t()
+    y = nf4_matmul(
+        x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, x.shape[1], False,
+        xa, lora_B, scaling, bias,
+    )
+    return y, xa
+
+
+@qlora_linear_op.register_fake
+def _(x, lora_input, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features,
+      lora_A, lora_B, scaling, bias):
+    return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype)
+
+
+def _qlora_setup_context(ctx, inputs, output):
+    (x, lora_input, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features,
+     lora_A, lora_B, scaling, bias) = inputs
+    _, xa = output
+    # Saved: the weight's stored tensors (no copy), the LoRA factors, the rank-sized xa, and the
+    # branch input only when A needs a gradient. Never a dequantized weight.
+    branch = lora_input if lora_input is not None else x
+    needs_a = ctx.needs_input_grad[9]
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, xa,
+                          branch if needs_a else None)
+    ctx.blocksize, ctx.out_features, ctx.in_features, ctx.scaling = blocksize, out_features, x.shape[1], scaling
+    ctx.lora_on_x = lora_input is None
+    ctx.x_dtype = x.dtype
+    ctx.lora_input_dtype = None if lora_input is None else lora_input.dtype
+
+
+def _qlora_backward(ctx, dy, _dxa):
+    packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, xa, branch = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dy = dy.contiguous()
+    dy_lora = dy.to(lora_B.dtype)
+    # Rank first: g = scaling * dy . B is [M, r]; every LoRA gradient is a product with it, so no
+    # [out, in] or [M, out] temporary is made for them.
+    g = (dy_lora @ lora_B) * ctx.scaling
+    dx = d_lora_input = d_a = d_b = d_bias = None
+    weight = (packed, absmax, nested_absmax, nested_code, offset, ctx.blocksize, ctx.out_features, ctx.in_features)
+    if needs[0]:
+        if ctx.lora_on_x:  # dx = dy . deq(W) + g . A, the LoRA term in the kernel's epilogue
+            dx = nf4_matmul(dy, *weight, True, g, lora_A.t().contiguous(), 1.0, None)
+        else:
+            dx = nf4_matmul(dy, *weight, True)
+    if needs[1]:
+        d_lora_input = (g @ lora_A).to(ctx.lora_input_dtype)
+    if needs[9]:
+        d_a = g.t() @ branch.to(lora_A.dtype)
+    if needs[10]:
+        d_b = (dy_lora.t() @ xa) * ctx.scaling
+    if needs[12]:
+        d_bias = dy.sum(0)
+    return dx, d_lora_input, None, None, None, None, None, None, None, d_a, d_b, None, d_bias
+
+
+qlora_linear_op.register_autograd(_qlora_backward, setup_context=_qlora_setup_context)

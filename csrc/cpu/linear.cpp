@@ -1,0 +1,243 @@
+// Fused NF4 GEMV / small GEMM on the CPU: out [M, N] = x [M, K] . deq(W)^T + epilogue, one pass over
+// the packed bytes. For each output row n (threads split the rows) and each group of up to
+// kRowsPerPass rows of x, the loop walks W's row: per block it scales the 16-entry NF4 table by the
+// block's scale (decoded from the double-quantized codes on the fly), then per 16 packed bytes it
+// turns the 32 codes into fp32 weights with one table permute per 16 (AVX-512) or 8 (AVX2) codes
+// and multiply-adds them into fp32 accumulators. No dequantized weight is stored anywhere.
+//
+// x is staged once in fp32 in the order the codes come out of a 16-byte load: per 32 elements,
+// the 16 even-indexed ones (high nibbles) then the 16 odd-indexed ones (low nibbles), so the
+// inner loop needs no shuffles. Weight row n of K codes stays in L1 while every row group reads it.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "../kernels.h"
+#include "../nf4.h"
+
+namespace lora_kernels {
+namespace cpu {
+namespace {
+
+constexpr int kRowsPerPass = 4;  // rows of x whose accumulators live in registers during one pass
+constexpr int kChunk = 32;       // elements per 16-byte load of packed codes
+
+inline float block_scale(const BlockScales& s, int64_t b) {
+  if (s.absmax != nullptr) return s.absmax[b];
+  const float scaled = s.nested_code[s.codes[b]] * s.nested_absmax[b / kNestedBlocksize];
+  return scaled + s.offset[0];
+}
+
+template <typename T>
+float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+float load_as_float(const void* p, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+    case DType::kFP16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// x [M, K] -> fp32 [M, K], each 32-element chunk reordered to (even elements, odd elements).
+void stage_x(const void* x, DType dtype, int64_t M, int64_t K, float* dst) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = 0; c < K; c += kChunk) {
+      float* d = dst + m * K + c;
+      for (int i = 0; i < kChunk / 2; ++i) {
+        d[i] = load_as_float(x, dtype, m * K + c + 2 * i);
+        d[kChunk / 2 + i] = load_as_float(x, dtype, m * K + c + 2 * i + 1);
+      }
+    }
+  }
+}
+
+// Dot products of one weight row (K codes from `bytes`) with R staged rows of x, scalar.
+template <int R>
+void row_dot_scalar(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K, int64_t blocksize,
+                    const float* xs, int64_t x_stride, float* result) {
+  static constexpr float kNF4[16] = LK_NF4_VALUES;
+  float acc[R] = {};
+  float table[16];
+  for (int64_t k0 = 0; k0 < K; k0 += blocksize) {
+    const float scale = block_scale(s, first_block + k0 / blocksize);
+    for (int c = 0; c < 16; ++c) table[c] = kNF4[c] * scale;
+    for (int64_t c = k0; c < k0 + blocksize; c += kChunk) {
+      const uint8_t* chunk = bytes + c / 2;
+      for (int i = 0; i < kChunk / 2; ++i) {
+        const float hi = table[chunk[i] >> 4], lo = table[chunk[i] & 15];
+        for (int r = 0; r < R; ++r)
+          acc[r] += hi * xs[r * x_stride + c + i] + lo * xs[r * x_stride + c + kChunk / 2 + i];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) result[r] = acc[r];
+}
+
+#if defined(__x86_64__)
+#define LK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define LK_AVX2 __attribute__((target("avx2,fma")))
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+
+bool has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+// AVX-512: vpermps takes the low 4 bits of each index, so neither nibble needs masking: the byte
+// shifted right by 4 within 16-bit lanes carries bits of its neighbour only above bit 3.
+template <int R>
+LK_AVX512 void row_dot_avx512(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K,
+                              int64_t blocksize, const float* xs, int64_t x_stride, float* result) {
+  static constexpr float kNF4[16] = LK_NF4_VALUES;
+  const __m512 nf4 = _mm512_loadu_ps(kNF4);
+  __m512 acc_hi[R], acc_lo[R];
+  for (int r = 0; r < R; ++r) acc_hi[r] = acc_lo[r] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += blocksize) {
+    const __m512 table = _mm512_mul_ps(nf4, _mm512_set1_ps(block_scale(s, first_block + k0 / blocksize)));
+    for (int64_t c = k0; c < k0 + blocksize; c += kChunk) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2));
+      const __m512 w_hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_srli_epi16(v, 4)), table);
+      const __m512 w_lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(v), table);
+      for (int r = 0; r < R; ++r) {
+        const float* xr = xs + r * x_stride + c;
+        acc_hi[r] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xr), acc_hi[r]);
+        acc_lo[r] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xr + 16), acc_lo[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) result[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc_hi[r], acc_lo[r]));
+}
+
+// AVX2: two 8-entry permutes and a blend on bit 3 of the code make the 16-entry lookup.
+LK_AVX2 inline __m256 lookup16(__m128i codes8_in_low_half, __m256 t_lo, __m256 t_hi) {
+  const __m256i idx = _mm256_cvtepu8_epi32(codes8_in_low_half);
+  const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_lo, idx), _mm256_permutevar8x32_ps(t_hi, idx), bit3);
+}
+
+template <int R>
+LK_AVX2 void row_dot_avx2(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K,
+                          int64_t blocksize, const float* xs, int64_t x_stride, float* result) {
+  static constexpr float kNF4[16] = LK_NF4_VALUES;
+  const __m256 nf4_lo = _mm256_loadu_ps(kNF4), nf4_hi = _mm256_loadu_ps(kNF4 + 8);
+  __m256 acc_hi[R], acc_lo[R];
+  for (int r = 0; r < R; ++r) acc_hi[r] = acc_lo[r] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += blocksize) {
+    const __m256 scale = _mm256_set1_ps(block_scale(s, first_block + k0 / blocksize));
+    const __m256 t_lo = _mm256_mul_ps(nf4_lo, scale), t_hi = _mm256_mul_ps(nf4_hi, scale);
+    for (int64_t c = k0; c < k0 + blocksize; c += kChunk) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2));
+      const __m128i h = _mm_srli_epi16(v, 4);
+      const __m256 w[4] = {lookup16(h, t_lo, t_hi), lookup16(_mm_srli_si128(h, 8), t_lo, t_hi),
+                           lookup16(v, t_lo, t_hi), lookup16(_mm_srli_si128(v, 8), t_lo, t_hi)};
+      for (int r = 0; r < R; ++r) {
+        const float* xr = xs + r * x_stride + c;
+        acc_hi[r] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), acc_hi[r]);
+        acc_lo[r] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), acc_lo[r]);
+        acc_hi[r] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), acc_hi[r]);
+        acc_lo[r] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), acc_lo[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 sum = _mm256_add_ps(acc_hi[r], acc_lo[r]);
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    result[r] = _mm_cvtss_f32(q);
+  }
+}
+#endif
+
+using RowDot = void (*)(const uint8_t*, const BlockScales&, int64_t, int64_t, int64_t, const float*, int64_t,
+                        float*);
+
+template <int R>
+RowDot pick_row_dot() {
+#if defined(__x86_64__)
+  if (has_avx512()) return &row_dot_avx512<R>;
+  if (has_avx2_fma()) return &row_dot_avx2<R>;
+#endif
+  return &row_dot_scalar<R>;
+}
+
+RowDot row_dot_for(int rows) {
+  switch (rows) {
+    case 1: return pick_row_dot<1>();
+    case 2: return pick_row_dot<2>();
+    case 3: return pick_row_dot<3>();
+    default: return pick_row_dot<4>();
+  }
+}
+
+template <typename T>
+void store(void* out, int64_t i, float v) {
+  static_cast<T*>(out)[i] = static_cast<T>(v);
+}
+
+void store_as(void* out, DType dtype, int64_t i, float v) {
+  switch (dtype) {
+    case DType::kBF16: store<c10::BFloat16>(out, i, v); break;
+    case DType::kFP16: store<c10::Half>(out, i, v); break;
+    default: store<float>(out, i, v); break;
+  }
+}
+
+}  // namespace
+
+void decode_scales(const BlockScales& scales, int64_t nblocks, float* out) {
+  at::parallel_for(0, nblocks, 1 << 14, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) out[b] = block_scale(scales, b);
+  });
+}
+
+void nf4_linear_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out) {
+  const int64_t N = w.rows, K = w.cols, blocks_per_row = K / w.blocksize;
+  std::vector<float> xs(static_cast<size_t>(M * K));
+  stage_x(x, dtype, M, K, xs.data());
+  const int64_t rank = epi.lora_left != nullptr ? epi.rank : 0;
+  std::vector<float> left(static_cast<size_t>(M * rank));
+  for (int64_t i = 0; i < M * rank; ++i) left[i] = load_as_float(epi.lora_left, epi.lora_dtype, i);
+
+  // Enough rows a task that the per-task overhead vanishes, few enough that both threads get work.
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, N / (4 * at::get_num_threads())));
+  at::parallel_for(0, N, grain, [&](int64_t first, int64_t last) {
+    float acc[kRowsPerPass];
+    std::vector<float> right(static_cast<size_t>(rank));
+    for (int64_t n = first; n < last; ++n) {
+      const uint8_t* bytes = w.packed + n * K / 2;
+      for (int64_t j = 0; j < rank; ++j) right[j] = load_as_float(epi.lora_right, epi.lora_dtype, n * rank + j);
+      const float bias = epi.bias != nullptr ? load_as_float(epi.bias, dtype, n) : 0.f;
+      for (int64_t m0 = 0; m0 < M; m0 += kRowsPerPass) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRowsPerPass, M - m0));
+        row_dot_for(rows)(bytes, w.scales, n * blocks_per_row, K, w.blocksize, xs.data() + m0 * K, K, acc);
+        for (int r = 0; r < rows; ++r) {
+          float lora = 0.f;
+          for (int64_t j = 0; j < rank; ++j) lora += left[(m0 + r) * rank + j] * right[j];
+          const float v = acc[r] + epi.lora_scaling * lora + bias;
+          store_as(out, dtype, (m0 + r) * N + n, v);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace lora_kernels
