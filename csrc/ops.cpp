@@ -286,6 +286,45 @@ at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absma
                "dequantize_nf4");
   return out;
 }
+
+// Forward at M <= kDecodeMaxRows: the decode kernel (reads the packed bytes and scales directly).
+// Otherwise, and for the backward's dx: dequantize into a buffer from the caching allocator (so it
+// is reused from call to call), cuBLAS, then the epilogue in place.
+at::Tensor nf4_matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const c10::optional<at::Tensor>& nested_absmax,
+                           const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                           int64_t blocksize, int64_t rows, int64_t cols, bool transpose,
+                           const c10::optional<at::Tensor>& lora_left, const c10::optional<at::Tensor>& lora_right,
+                           double lora_scaling, const c10::optional<at::Tensor>& bias, int64_t route) {
+  c10::cuda::CUDAGuard guard(x.device());
+  MatmulArgs a = check_matmul(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols,
+                              transpose, lora_left, lora_right, lora_scaling, bias);
+  const bool aligned = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  const bool decodable = a.fusable && aligned && x.scalar_type() != at::kFloat && a.M <= cuda::kDecodeMaxRows;
+  if (route == kAuto) route = decodable ? kFused : kDequantGemm;
+  TORCH_CHECK(route == kDequantGemm || (route == kFused && decodable),
+              "lora_kernels: the CUDA decode kernel needs a forward matmul of at most ", cuda::kDecodeMaxRows,
+              " bf16/fp16 rows, in_features a multiple of the blocksize and 16-byte aligned inputs; got M=", a.M,
+              ", transpose=", transpose, ", in_features=", cols, ", dtype=", x.scalar_type());
+  auto out = at::empty({a.M, a.N}, x.options());
+  if (a.M == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (route == kFused) {
+    check_launch(cuda::nf4_linear_decode(x.data_ptr(), to_dtype(x.scalar_type()), a.M, a.w, a.epi, out.data_ptr(),
+                                         stream),
+                 "nf4_linear_decode");
+    return out;
+  }
+  const at::Tensor bytes = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 ? packed.clone() : packed;
+  at::Tensor wt = at::empty({rows, cols}, x.options());
+  check_launch(cuda::dequantize_nf4(bytes.data_ptr<uint8_t>(), a.w.scales, blocksize, rows * cols, wt.data_ptr(),
+                                    to_dtype(x.scalar_type()), stream),
+               "dequantize_nf4");
+  out = transpose ? at::mm(x, wt) : at::mm(x, wt.t());
+  add_epilogue(out, lora_left, lora_right, lora_scaling, bias);
+  return out;
+}
 #endif
 
 }  // namespace
@@ -314,6 +353,7 @@ TORCH_LIBRARY_IMPL(lora_kernels_C, CPU, m) {
 TORCH_LIBRARY_IMPL(lora_kernels_C, CUDA, m) {
   m.impl("quantize_nf4", &lora_kernels::quantize_nf4_cuda);
   m.impl("dequantize_nf4", &lora_kernels::dequantize_nf4_cuda);
+  m.impl("nf4_matmul", &lora_kernels::nf4_matmul_cuda);
 }
 #endif
 

@@ -1,13 +1,22 @@
 """lora-kernels: NF4 quantization and fused QLoRA kernels, byte-compatible with bitsandbytes."""
 
-from .api import dequantize_nf4, quantize_nf4
+from .api import dequantize_nf4, qlora_linear, quantize_nf4
+from .modules import QLoRALinear, adapter_state_dict, load_adapter_state_dict, replace_linear
 from .nf4 import NF4Weight
-from .ops import backends, get_backend, set_backend
+from .ops import backends, explain, get_backend, get_route, set_backend, set_route
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NF4Weight",
+    "QLoRALinear",
+    "adapter_state_dict",
+    "explain",
+    "get_route",
+    "load_adapter_state_dict",
+    "qlora_linear",
+    "replace_linear",
+    "set_route",
     "backends",
     "dequantize_nf4",
     "get_backend",

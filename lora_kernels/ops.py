@@ -225,7 +225,8 @@ _forced_route: str | None = None
 
 def set_route(name: str | None) -> None:
     """Force a route ("fused" or "dequant_gemm") for every nf4 matmul, or None for the table's choice.
-    For tests and benchmarks; a backend that lacks the route raises when asked to run it."""
+    For tests and benchmarks; a backend that lacks the route raises when asked to run it. The CPU
+    and CUDA fused kernels are forward-only: under a forced "fused", the backward's dx is unfused."""
     global _forced_route
     if name is not None and name not in _ROUTE_CODES:
         raise ValueError(f"unknown route {name!r}; choose one of {tuple(_ROUTE_CODES)} or None")
@@ -250,6 +251,8 @@ def choose_route(backend: str, device: torch.device, M: int, cols: int, blocksiz
     if _forced_route is not None:
         if _forced_route not in offered:
             raise RuntimeError(f"route {_forced_route!r} is forced but backend {backend!r} offers only {offered}")
+        if _forced_route == "fused" and backend != "triton" and transpose:
+            return "dequant_gemm", f"backend {backend!r} fuses only forward matmuls; the backward's dx is unfused"
         if _forced_route == "fused" and backend != "triton" and not fusable:
             raise RuntimeError(
                 f"route 'fused' is forced but backend {backend!r} fuses only the forward matmul with "

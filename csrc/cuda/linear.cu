@@ -227,9 +227,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       scale[r] = double_quant ? __fadd_rn(__fmul_rn(nested_code[cur.code[r]], cur.scale_raw[r]), offset)
                               : cur.scale_raw[r];
 
-    float part[kFactorScale ? V : 1];
+    constexpr int kPartials = kFactorScale ? V : 1;  // 32-weight sums before the scale (M <= 2)
+    float part[kPartials];
 #pragma unroll
-    for (int i = 0; i < (kFactorScale ? V : 1); ++i) part[i] = 0.0f;
+    for (int i = 0; i < kPartials; ++i) part[i] = 0.0f;
     const int64_t k = int64_t(chunk) * kChunk;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {  // 8 weights of each row at a time: word j of the uint4
@@ -249,17 +250,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
         unpack8(__ldg(reinterpret_cast<const uint4*>(x_row[m] + k + 8 * j)), x_row[m], xv);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          float& a = kFactorScale ? part[m * R + r] : acc[m * R + r];
+          float* a = kFactorScale ? &part[(m * R + r) % kPartials] : &acc[m * R + r];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) a = fmaf(xv[e], w[r][e], a);
+          for (int e = 0; e < 8; ++e) *a = fmaf(xv[e], w[r][e], *a);
         }
       }
     }
     if (kFactorScale) {
 #pragma unroll
-      for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[m * R + r] = fmaf(scale[r], part[m * R + r], acc[m * R + r]);
+      for (int i = 0; i < V; ++i) acc[i] = fmaf(scale[i % R], part[i % kPartials], acc[i]);
     }
     cur = nxt;
   }
@@ -331,7 +330,8 @@ int nf4_linear_decode(const void* x, DType dtype, int64_t M, const Nf4Matrix& w,
   if (!pow2 || w.cols % w.blocksize != 0 || M < 1 || M > kDecodeMaxRows || dtype == DType::kFP32)
     return static_cast<int>(cudaErrorInvalidValue);
   if (w.rows == 0) return static_cast<int>(cudaSuccess);
-  if ((w.rows + 3) / 4 > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
+  // the grid is rows / R CTAs, R >= 2
+  if ((w.rows + 1) / 2 > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
   int blocksize_log2 = 0;
   while ((int64_t(1) << blocksize_log2) < w.blocksize) ++blocksize_log2;
   auto stream = static_cast<cudaStream_t>(stream_ptr);

@@ -1,0 +1,357 @@
+"""QLoRALinear, the drop-in layer, and replace_linear, the one-call swap of a model's nn.Linear layers.
+
+A QLoRALinear holds a frozen NF4 base weight W [out, in] (as buffers, so `.to(device)` moves it and
+never casts it), the trainable LoRA factors lora_A [r, in] and lora_B [out, r], and an optional
+bias [out]. Its state dict keeps the base in bitsandbytes' `Linear4bit` layout (`weight`,
+`weight.absmax`, `weight.quant_state.bitsandbytes__nf4`, ...) beside `lora_A`, `lora_B` and `bias`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .api import SUPPORTED_DTYPES, qlora_linear, quantize_nf4
+from .nf4 import NF4Weight
+
+_NF4_BUFFERS = ("nf4_packed", "nf4_absmax", "nf4_nested_absmax", "nf4_nested_code", "nf4_offset")
+
+
+class QLoRALinear(nn.Module):
+    """y = x . deq(W)^T + scaling * (dropout(x) . A^T) . B^T + bias, W frozen in NF4.
+
+    x: [..., in_features] -> y: [..., out_features]. The matmul runs in `compute_dtype` (x is cast to
+    it, and the result cast back to x's dtype, as bitsandbytes' Linear4bit does). scaling is
+    lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora. A starts Kaiming-uniform and B at zero,
+    so a fresh layer computes exactly the quantized base.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 16,
+        lora_alpha: float = 32,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        lora_dtype: torch.dtype = torch.float32,
+        _weight: NF4Weight | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features} and {out_features}")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if compute_dtype not in SUPPORTED_DTYPES or lora_dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"compute_dtype and lora_dtype must be one of {SUPPORTED_DTYPES}")
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.lora_dropout = lora_dropout
+        self.compute_dtype = compute_dtype
+        self.blocksize, self.double_quant = blocksize, double_quant
+        if _weight is None:
+            # A fresh layer: nn.Linear's initialisation, then quantized.
+            dense = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
+            nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+            _weight = quantize_nf4(dense.to(compute_dtype), blocksize=blocksize, double_quant=double_quant)
+        self._set_weight(_weight)
+        dev = self.nf4_packed.device
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=dev, dtype=lora_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=dev, dtype=lora_dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if bias:
+            bound = 1 / math.sqrt(in_features)
+            self.bias = nn.Parameter(torch.empty(out_features, device=dev, dtype=compute_dtype), requires_grad=False)
+            nn.init.uniform_(self.bias, -bound, bound)
+        else:
+            self.register_parameter("bias", None)
+
+    # ---- the base weight ----------------------------------------------------------------------
+    def _set_weight(self, q: NF4Weight) -> None:
+        if tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight has shape {tuple(q.shape)}, the layer is [{self.out_features}, {self.in_features}]")
+        self.weight_dtype = q.dtype
+        self.blocksize = q.blocksize
+        self.double_quant = q.double_quant
+        for name, t in zip(_NF4_BUFFERS, (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset)):
+            if name in self._buffers:
+                self._buffers[name] = t
+            else:
+                self.register_buffer(name, t, persistent=False)
+
+    @property
+    def qweight(self) -> NF4Weight:
+        """The base weight as an NF4Weight (no copy)."""
+        return NF4Weight(
+            packed=self.nf4_packed,
+            absmax=self.nf4_absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            dtype=self.weight_dtype,
+            blocksize=self.blocksize,
+            nested_absmax=self.nf4_nested_absmax,
+            nested_code=self.nf4_nested_code,
+            offset=self.nf4_offset,
+        )
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() would cast the fp32 block scales (and FSDP's param_dtype the
+        # same): the NF4 tensors follow the module's device moves, never its dtype casts.
+        before = {name: self._buffers[name] for name in _NF4_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        if in_dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        y = qlora_linear(
+            x,
+            self.qweight,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.bias,
+            dropout_p=self.lora_dropout,
+            training=self.training,
+        )
+        return y if y.dtype == in_dtype else y.to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+            f"use_rslora={self.use_rslora}, compute_dtype={self.compute_dtype}, blocksize={self.blocksize}, "
+            f"double_quant={self.double_quant}"
+        )
+
+    # ---- building ------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **lora_kwargs) -> QLoRALinear:
+        """Quantize an existing nn.Linear (its weight in compute_dtype, as bitsandbytes does) and
+        wrap it. The bias is copied in the compute dtype and stays frozen unless the caller unfreezes it."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        compute_dtype = lora_kwargs.get("compute_dtype", torch.bfloat16)
+        weight = linear.weight.detach()
+        if not torch.isfinite(weight).all():
+            raise ValueError("the linear layer's weight contains NaN or Inf; NF4 cannot represent them")
+        q = quantize_nf4(
+            weight.to(compute_dtype),
+            blocksize=lora_kwargs.pop("blocksize", 64),
+            double_quant=lora_kwargs.pop("double_quant", True),
+        )
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, _weight=q, **lora_kwargs)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias.detach().to(layer.bias.dtype))
+        return layer
+
+    # ---- merging -------------------------------------------------------------------------------
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """deq(W) + scaling * B . A, [out, in], in dtype (default: the compute dtype). The sum is
+        formed in fp32 and rounded once."""
+        dtype = dtype or self.compute_dtype
+        with torch.no_grad():
+            base = self.qweight.dequantize(torch.float32)
+            delta = self.lora_B.detach().float() @ self.lora_A.detach().float()
+            return (base + self.scaling * delta).to(dtype)
+
+    def merge(self, requantize: bool = False):
+        """The adapted layer as a plain nn.Linear in the compute dtype holding deq(W) + s . B . A
+        (the NF4 base is not touched). With requantize=True, a new QLoRALinear whose base is that
+        merged weight re-quantized to NF4 and whose LoRA starts fresh; it carries
+        `.requantization_error`, the RMS and max absolute error the re-quantization added."""
+        merged = self.merged_weight()
+        if not requantize:
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                               device=merged.device, dtype=self.compute_dtype)
+            with torch.no_grad():
+                linear.weight.copy_(merged)
+                if self.bias is not None:
+                    linear.bias.copy_(self.bias)
+            return linear
+        q = quantize_nf4(merged, blocksize=self.blocksize, double_quant=self.double_quant)
+        layer = QLoRALinear(
+            self.in_features, self.out_features, bias=self.bias is not None, r=self.r, lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout, use_rslora=self.use_rslora, compute_dtype=self.compute_dtype,
+            lora_dtype=self.lora_A.dtype, _weight=q,
+        )
+        if self.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(self.bias)
+        err = q.dequantize(torch.float32) - merged.float()
+        layer.requantization_error = {"rms": float(err.pow(2).mean().sqrt()), "max": float(err.abs().max())}
+        return layer
+
+    # ---- state dicts ---------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, t in self.qweight.state_dict(prefix=f"{prefix}weight").items():
+            destination[key] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Everything is read and checked first; the layer changes only if every tensor fits, so a
+        # bad state dict leaves it as it was.
+        weight_keys = [k for k in state_dict if k == f"{prefix}weight" or k.startswith(f"{prefix}weight.")]
+        problems, q = [], None
+        if f"{prefix}weight" not in state_dict:
+            missing_keys.append(f"{prefix}weight")
+        else:
+            try:
+                sub = {k[len(prefix):]: state_dict[k] for k in weight_keys}
+                q = NF4Weight.from_state_dict(sub, prefix="weight", device=self.nf4_packed.device)
+                if tuple(q.shape) != (self.out_features, self.in_features):
+                    raise ValueError(f"shape {tuple(q.shape)}, the layer is [{self.out_features}, {self.in_features}]")
+            except ValueError as exc:
+                problems.append(f"{prefix}weight: {exc}")
+        for name, param in self._parameters.items():
+            key = prefix + name
+            if param is not None and key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
+                problems.append(f"{key}: shape {tuple(state_dict[key].shape)}, the layer's is {tuple(param.shape)}")
+        if problems:
+            error_msgs.extend(problems)
+            return
+        rest = {k: v for k, v in state_dict.items() if k not in weight_keys}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if q is not None:
+            self._set_weight(q)
+
+    # ---- PEFT adapters -------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """PEFT's names for this layer's adapter: {'lora_A.weight': A, 'lora_B.weight': B}."""
+        return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
+
+
+def _matches(name: str, targets: str | Iterable[str]) -> bool:
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        targets = [targets]
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _tied_to_input_embeddings(model: nn.Module, linear: nn.Linear) -> bool:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return emb is not None and getattr(emb, "weight", None) is linear.weight
+
+
+def replace_linear(
+    model: nn.Module,
+    target_modules: str | Iterable[str] = "all-linear",
+    *,
+    exclude_modules: Iterable[str] = (),
+    include_tied: bool = False,
+    progress: bool = True,
+    **lora_kwargs,
+) -> list[str]:
+    """Swap the model's nn.Linear layers for QLoRALinear, in place. Returns the swapped names.
+
+    target_modules: "all-linear", or name suffixes (PEFT's convention: "q_proj" matches
+    "model.layers.0.self_attn.q_proj"). Skipped: names in exclude_modules, and a linear layer whose
+    weight is tied to the input embeddings (e.g. an `lm_head`) unless include_tied. Every matched
+    layer is quantized first, then all are swapped, so a failure leaves the model unchanged.
+    Afterwards only the LoRA factors require grad (the rest of the model is frozen, as PEFT does).
+    lora_kwargs: QLoRALinear's keywords (r, lora_alpha, lora_dropout, use_rslora, compute_dtype, ...).
+    """
+    exclude = list(exclude_modules)
+    chosen = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or isinstance(mod, QLoRALinear) or not name:
+            continue
+        if not _matches(name, target_modules) or (exclude and _matches(name, exclude)):
+            continue
+        if not include_tied and _tied_to_input_embeddings(model, mod):
+            warnings.warn(f"not swapping {name}: its weight is tied to the input embeddings (include_tied=True swaps it)")
+            continue
+        chosen.append((name, mod))
+    if target_modules != "all-linear" and not chosen:
+        raise ValueError(f"no nn.Linear in the model matches target_modules={target_modules!r}")
+    iterator = chosen
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(chosen, desc="quantizing to NF4", unit="layer")
+        except ImportError:
+            pass
+    built = [(name, QLoRALinear.from_linear(mod, **dict(lora_kwargs))) for name, mod in iterator]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in built:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+    return [name for name, _ in built]
+
+
+def lora_layers(model: nn.Module) -> dict[str, QLoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
+
+
+def adapter_state_dict(model: nn.Module, prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
+    """Every QLoRALinear's adapter under PEFT's key names (`base_model.model.<path>.lora_A.weight`),
+    the dict PEFT saves as adapter_model.safetensors."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        for key, t in layer.adapter_state_dict().items():
+            out[f"{prefix}{name}.{key}"] = t
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                            prefix: str = "base_model.model.") -> None:
+    """Load PEFT-named adapter tensors into the model's QLoRALinear layers. Every key must name a
+    layer of the model and every tensor must fit, or nothing is loaded (ValueError names them)."""
+    layers = lora_layers(model)
+    plan, problems = [], []
+    seen = set()
+    for key, t in state_dict.items():
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        name = name.replace(".default.", ".")  # PEFT's in-memory names carry the adapter name
+        layer_name, _, which = name.rpartition(".lora_")
+        which = "lora_" + which
+        layer = layers.get(layer_name)
+        if layer is None or which not in ("lora_A.weight", "lora_B.weight"):
+            problems.append(f"{key}: no QLoRALinear layer or LoRA factor of that name")
+            continue
+        param = layer.lora_A if which == "lora_A.weight" else layer.lora_B
+        if tuple(t.shape) != tuple(param.shape):
+            problems.append(f"{key}: shape {tuple(t.shape)}, the layer's is {tuple(param.shape)}")
+            continue
+        plan.append((param, t))
+        seen.add((layer_name, which))
+    missing = [f"{n}.{w}" for n in layers for w in ("lora_A.weight", "lora_B.weight") if (n, w) not in seen]
+    if missing:
+        problems.append(f"missing: {', '.join(missing)}")
+    if problems:
+        raise ValueError("adapter does not fit the model, nothing loaded:\n  " + "\n  ".join(problems))
+    with torch.no_grad():
+        for param, t in plan:
+            param.copy_(t.to(param.dtype))
+
+
+__all__ = ["QLoRALinear", "replace_linear", "adapter_state_dict", "load_adapter_state_dict", "lora_layers"]
