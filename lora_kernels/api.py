@@ -117,7 +117,7 @@ def qlora_linear(
         )
     else:
         branch = x2 if lora_input is None else lora_input
-        xa = branch.to(lora_A.dtype) @ lora_A.t()
+        xa = (branch.to(lora_A.dtype) @ lora_A.t()).to(lora_A.dtype)  # autocast may have run the mm in bf16
         y = ops.nf4_matmul(
             x2, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, out_features,
             in_features, False, xa, lora_B, float(scaling), bias,

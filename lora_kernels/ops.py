@@ -111,17 +111,23 @@ _AUTO = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _RUNS_ON = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpu": ("cpu",), "torch": ("cuda", "cpu")}
 
 
+@torch.compiler.assume_constant_result
+def _usable_backends() -> tuple[str, ...]:
+    # A constant for torch.compile: it neither traces nor guards on the lookup behind it.
+    return tuple(name for name, st in _backend_status().items() if st.usable)
+
+
 def pick_backend(device: torch.device) -> str:
     """The backend that runs an op on `device`."""
-    status = _backend_status()
+    usable = _usable_backends()
     if _forced is not None:
         if device.type not in _RUNS_ON[_forced]:
             raise RuntimeError(f"backend {_forced!r} is forced but cannot run on a {device.type} tensor")
-        if not status[_forced].usable:
-            raise RuntimeError(f"backend {_forced!r} is forced but not usable here: {status[_forced].detail}")
+        if _forced not in usable:
+            raise RuntimeError(f"backend {_forced!r} is forced but not usable here: {backends()[_forced].detail}")
         return _forced
     for name in _AUTO.get(device.type, ("torch",)):
-        if status[name].usable:
+        if name in usable:
             return name
     return "torch"
 
@@ -381,7 +387,7 @@ def qlora_linear_op(
     """x: [M, in] contiguous; lora_input: [M, in] (dropout applied) or None for x itself.
     Returns (y [M, out], xa = lora_input . A^T [M, r] in A's dtype, kept for the backward)."""
     branch = x if lora_input is None else lora_input
-    xa = branch.to(lora_A.dtype) @ lora_A.t()
+    xa = (branch.to(lora_A.dtype) @ lora_A.t()).to(lora_A.dtype)  # .to(): autocast may have run the mm in bf16
     y = nf4_matmul(
         x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, x.shape[1], False,
         xa, lora_B, scaling, bias,

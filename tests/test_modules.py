@@ -1,0 +1,318 @@
+"""QLoRALinear and replace_linear: construction, state dicts, merge, PEFT + bitsandbytes parity,
+torch.compile, training, and the errors a user gets for bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels as lk
+from lora_kernels import reference
+
+
+def _mlp(seed=0, in_f=128, hidden=192, out_f=64):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(in_f, hidden), nn.GELU(), nn.Linear(hidden, out_f))
+
+
+def _randomize_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lk.modules.lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
+
+
+class ReferenceQLoRA(nn.Module):
+    """The reference module: the same NF4 base dequantized once, F.linear, the LoRA term (PEFT's order)."""
+
+    def __init__(self, layer: lk.QLoRALinear):
+        super().__init__()
+        self.register_buffer("weight", layer.qweight.dequantize(layer.compute_dtype))
+        self.lora_A = nn.Parameter(layer.lora_A.detach().clone())
+        self.lora_B = nn.Parameter(layer.lora_B.detach().clone())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.scaling, self.compute_dtype = layer.scaling, layer.compute_dtype
+
+    def forward(self, x):
+        y = reference.qlora_linear(x.to(self.compute_dtype), self.weight, self.lora_A, self.lora_B, self.scaling, self.bias)
+        return y.to(x.dtype)
+
+
+# ---- construction -------------------------------------------------------------------------------
+def test_fresh_layer_equals_quantized_base():
+    layer = lk.QLoRALinear(128, 64, r=8, compute_dtype=torch.float32)
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    x = torch.randn(3, 128)
+    base = torch.nn.functional.linear(x, layer.qweight.dequantize(torch.float32), layer.bias)
+    torch.testing.assert_close(layer(x), base, rtol=1e-5, atol=1e-5)  # fp32 summation order only
+
+
+def test_from_linear_quantizes_like_the_spec_and_only_lora_trains():
+    lin = nn.Linear(128, 64)
+    layer = lk.QLoRALinear.from_linear(lin, r=4, lora_alpha=8)
+    ref = reference.quantize_nf4(lin.weight.detach().to(torch.bfloat16), 64, True)
+    assert torch.equal(layer.nf4_packed, ref["packed"]) and torch.equal(layer.nf4_absmax, ref["absmax"])
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    assert layer.scaling == 2.0
+    assert lk.QLoRALinear(16 * 8, 8, r=16, lora_alpha=32, use_rslora=True).scaling == 32 / math.sqrt(16)
+
+
+def test_replace_linear_swaps_targets_and_skips_tied_head():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(100, 64)
+            self.q_proj = nn.Linear(64, 64)
+            self.mlp = nn.Linear(64, 128)
+            self.lm_head = nn.Linear(64, 100, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    model = LM()
+    with pytest.warns(UserWarning, match="tied"):
+        swapped = lk.replace_linear(model, r=4, progress=False)
+    assert swapped == ["q_proj", "mlp"] and isinstance(model.lm_head, nn.Linear)
+    model2 = LM()
+    assert lk.replace_linear(model2, ["q_proj"], r=4, progress=False) == ["q_proj"]
+    assert isinstance(model2.mlp, nn.Linear) and not any(p.requires_grad for p in model2.mlp.parameters())
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        lk.replace_linear(LM(), ["v_proj"], progress=False)
+
+
+# ---- state dicts --------------------------------------------------------------------------------
+def test_state_dict_round_trip_is_exact():
+    model = _mlp()
+    lk.replace_linear(model, r=8, progress=False)
+    _randomize_lora(model)
+    sd = model.state_dict()
+    assert "0.weight.quant_state.bitsandbytes__nf4" in sd  # bitsandbytes' Linear4bit layout
+    other = _mlp(seed=5)
+    lk.replace_linear(other, r=8, progress=False)
+    other.load_state_dict(sd)
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, sd[key]), key
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    assert torch.equal(model(x), other(x))
+
+
+def test_wrong_state_dict_is_refused_whole():
+    layer = lk.QLoRALinear(128, 64, r=8)
+    before = copy.deepcopy(layer.state_dict())
+    bad = lk.QLoRALinear(128, 64, r=16).state_dict()  # lora_A [16, 128]: wrong rank
+    bad["bias"] = torch.randn(64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="lora_A"):
+        layer.load_state_dict(bad)
+    wrong_base = lk.QLoRALinear(256, 64, r=8).state_dict()
+    with pytest.raises(RuntimeError, match="weight"):
+        layer.load_state_dict(wrong_base)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed by a refused load"
+
+
+def test_adapter_dict_round_trip_and_refusal():
+    model = _mlp()
+    lk.replace_linear(model, r=8, progress=False)
+    _randomize_lora(model)
+    adapter = lk.adapter_state_dict(model)
+    assert set(adapter) == {f"base_model.model.{i}.lora_{ab}.weight" for i in (0, 2) for ab in "AB"}
+    other = _mlp()
+    lk.replace_linear(other, r=8, progress=False)
+    lk.load_adapter_state_dict(other, adapter)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    assert torch.equal(model(x), other(x))
+    broken = dict(adapter)
+    broken["base_model.model.0.lora_A.weight"] = torch.zeros(4, 128)
+    before = copy.deepcopy(lk.adapter_state_dict(other))
+    with pytest.raises(ValueError, match="shape"):
+        lk.load_adapter_state_dict(other, broken)
+    assert all(torch.equal(before[k], v) for k, v in lk.adapter_state_dict(other).items())
+
+
+# ---- merge --------------------------------------------------------------------------------------
+def test_merge_is_lossless_and_requantize_reports_error():
+    layer = lk.QLoRALinear(128, 64, r=8, compute_dtype=torch.float32)
+    _randomize_lora(nn.Sequential(layer))
+    x = torch.randn(5, 128)
+    merged = layer.merge()
+    assert isinstance(merged, nn.Linear) and merged.weight.dtype == torch.float32
+    torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)  # fp32 summation order
+    requantized = layer.merge(requantize=True)
+    err = requantized.requantization_error
+    assert 0 < err["rms"] < err["max"]
+    assert torch.count_nonzero(requantized.lora_B) == 0
+    torch.testing.assert_close(requantized.qweight.dequantize(torch.float32),
+                               reference.dequantize_nf4(**_q_fields(lk.quantize_nf4(layer.merged_weight())),
+                                                        shape=(64, 128), dtype=torch.float32, blocksize=64))
+
+
+def _q_fields(q):
+    return dict(packed=q.packed, absmax=q.absmax, nested_absmax=q.nested_absmax, nested_code=q.nested_code,
+                offset=q.offset)
+
+
+# ---- PEFT + bitsandbytes ------------------------------------------------------------------------
+def test_matches_peft_on_bitsandbytes_linear4bit():
+    """The same base quantized by bitsandbytes and by us, the same A and B: forward and LoRA grads agree.
+    Tolerance: the bases are byte-identical, so only the matmul's rounding differs (bf16 output:
+    2**-7 of the output's scale)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96)
+    lin.bias.data = lin.bias.data.to(torch.bfloat16).float()
+
+    l4 = bnb.nn.Linear4bit(256, 96, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4",
+                           compress_statistics=True)
+    l4.weight = bnb.nn.Params4bit(lin.weight.detach().to(torch.bfloat16), requires_grad=False, quant_type="nf4",
+                                  compress_statistics=True, blocksize=64)
+    l4.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    l4 = l4.to("cpu")
+    holder = nn.Module()
+    holder.proj = l4
+    pm = peft.get_peft_model(holder, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+
+    ours = lk.QLoRALinear.from_linear(lin, r=8, lora_alpha=16)
+    # the same bytes as bitsandbytes
+    ours_q = lk.NF4Weight.from_bnb(l4.weight, l4.weight.quant_state)
+    assert torch.equal(ours_q.packed, ours.nf4_packed) and torch.equal(ours_q.absmax, ours.nf4_absmax)
+    peft_layer = pm.base_model.model.proj
+    with torch.no_grad():
+        peft_layer.lora_B["default"].weight.normal_(0, 0.05)
+        ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
+        ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
+    x = torch.randn(2, 7, 256, dtype=torch.bfloat16)
+    y_peft = peft_layer(x)
+    y_ours = ours(x)
+    scale = y_peft.float().abs().max().item()
+    assert (y_ours.float() - y_peft.float()).abs().max().item() <= 2**-7 * scale
+    dy = torch.randn_like(y_peft)
+    y_peft.backward(dy)
+    y_ours.backward(dy)
+    for ours_g, peft_g in ((ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad),
+                           (ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad)):
+        rel = (ours_g - peft_g).norm() / peft_g.norm()
+        assert rel < 1e-2, rel  # bf16 activations on both sides; the fp32 LoRA math agrees closely
+
+
+# ---- compile, training, autograd extras ------------------------------------------------------
+def test_compile_fullgraph_forward_backward():
+    model = _mlp()
+    lk.replace_linear(model, r=8, compute_dtype=torch.float32, progress=False)
+    _randomize_lora(model)
+    x = torch.randn(6, 128)
+    eager_y = model(x)
+    eager_y.square().mean().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().mean().backward()
+    torch.testing.assert_close(y, eager_y)
+    for g, e in zip([p.grad for p in model.parameters() if p.requires_grad], eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_compile_inductor_inference():
+    model = _mlp()
+    lk.replace_linear(model, r=8, progress=False)
+    _randomize_lora(model)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x)
+        got = torch.compile(model, fullgraph=True)(x)
+    # Inductor generates its own code for the rank-sized x . A^T (fp32 sums in another order), so one
+    # rounding of a bf16 output may flip: one bf16 ulp of the output's scale.
+    torch.testing.assert_close(got, expected, rtol=2**-7, atol=2**-7 * expected.abs().max().item())
+
+
+def test_training_converges_like_reference():
+    """300 steps of a synthetic regression (a teacher = the NF4 base + a rank-4 change): the loss of
+    the kernel-backed module and of the reference module follow each other (same init, same data)
+    and fall well below the start."""
+    torch.manual_seed(0)
+    layer = lk.QLoRALinear(64, 32, r=4, lora_alpha=8, compute_dtype=torch.float32)
+    ref = ReferenceQLoRA(layer)
+    delta = (torch.randn(32, 4) @ torch.randn(4, 64)) * 0.05
+    teacher = layer.qweight.dequantize(torch.float32) + delta
+    curves = {}
+    for name, module in (("ours", layer), ("reference", ref)):
+        opt = torch.optim.Adam([module.lora_A, module.lora_B], lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        curve = []
+        for _ in range(300):
+            x = torch.randn(16, 64, generator=g)
+            loss = torch.nn.functional.mse_loss(module(x), torch.nn.functional.linear(x, teacher, layer.bias))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        curves[name] = curve
+    assert curves["ours"][-1] < 0.05 * curves["ours"][0], curves["ours"][::50]
+    # fp32 throughout; only summation order differs, and Adam does not amplify it much in 300 steps
+    assert abs(curves["ours"][-1] - curves["reference"][-1]) <= 1e-3 * curves["ours"][0]
+
+
+def test_gradient_checkpointing_autocast_and_to():
+    from torch.utils.checkpoint import checkpoint
+
+    layer = lk.QLoRALinear(128, 64, r=8)
+    _randomize_lora(nn.Sequential(layer))
+    x = torch.randn(4, 128, requires_grad=True)
+    y = checkpoint(layer, x, use_reentrant=False)
+    y.sum().backward()
+    g_ckpt = layer.lora_A.grad.clone()
+    layer.zero_grad()
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, g_ckpt, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    scales = layer.nf4_nested_absmax.clone()
+    layer.to(torch.float16)
+    assert layer.nf4_nested_absmax.dtype == torch.float32 and torch.equal(layer.nf4_nested_absmax, scales)
+    assert layer.nf4_packed.dtype == torch.uint8
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def test_bad_input_errors():
+    layer = lk.QLoRALinear(128, 64, r=8)
+    with pytest.raises(ValueError, match="x has 127 features"):
+        layer(torch.randn(2, 127))
+    q = layer.qweight
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
+        lk.qlora_linear(torch.randn(2, 128, dtype=torch.float64), q, A, B, 1.0)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        lk.qlora_linear(torch.randn(2, 128), q, A[:, :64], B, 1.0)
+    with pytest.raises(ValueError, match="r >= 1"):
+        lk.qlora_linear(torch.randn(2, 128), q, A[:0], B[:, :0], 1.0)
+    with pytest.raises(ValueError, match="rank r must be a positive integer"):
+        lk.QLoRALinear(128, 64, r=0)
+    with pytest.raises(ValueError, match="rank r must be a positive integer"):
+        lk.QLoRALinear(128, 64, r=-3)
+    with pytest.raises(ValueError, match="bias must be"):
+        lk.qlora_linear(torch.randn(2, 128), q, A, B, 1.0, torch.zeros(63))
+    bad = nn.Linear(128, 64)
+    bad.weight.data[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        lk.QLoRALinear.from_linear(bad)
+
+
+@pytest.mark.gpu
+def test_x_on_another_device():
+    layer = lk.QLoRALinear(128, 64, r=8)
+    with pytest.raises(ValueError, match="is on cuda"):
+        layer(torch.randn(2, 128, device="cuda"))
+
+
+def test_x_on_another_device_meta():
+    """Without a GPU, a meta tensor stands in for 'another device'."""
+    layer = lk.QLoRALinear(128, 64, r=8)
+    with pytest.raises(ValueError, match="is on meta"):
+        layer(torch.randn(2, 128, device="meta", dtype=torch.bfloat16))
