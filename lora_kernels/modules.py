@@ -93,8 +93,13 @@ class QLoRALinear(nn.Module):
 
     @property
     def qweight(self) -> NF4Weight:
-        """The base weight as an NF4Weight (no copy)."""
-        return NF4Weight(
+        """The base weight as an NF4Weight (no copy). Built once and reused while the buffers are the
+        same tensors (a .to() or a load replaces them), so the decode path does not re-validate it."""
+        cached = self.__dict__.get("_qweight_cache")
+        if (cached is not None and cached.packed is self.nf4_packed and cached.absmax is self.nf4_absmax
+                and cached.nested_absmax is self.nf4_nested_absmax and cached.offset is self.nf4_offset):
+            return cached
+        self.__dict__["_qweight_cache"] = q = NF4Weight(
             packed=self.nf4_packed,
             absmax=self.nf4_absmax,
             shape=torch.Size((self.out_features, self.in_features)),
@@ -104,6 +109,7 @@ class QLoRALinear(nn.Module):
             nested_code=self.nf4_nested_code,
             offset=self.nf4_offset,
         )
+        return q
 
     @property
     def scaling(self) -> float:

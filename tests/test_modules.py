@@ -210,12 +210,13 @@ def test_compile_fullgraph_forward_backward():
     eager_y.square().mean().backward()
     eager_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True)  # inductor; fullgraph: any graph break raises
     y = compiled(x)
     y.square().mean().backward()
-    torch.testing.assert_close(y, eager_y)
+    # fp32: inductor fuses the small ops around our kernels and may sum in another order
+    torch.testing.assert_close(y, eager_y, rtol=1e-5, atol=1e-5)
     for g, e in zip([p.grad for p in model.parameters() if p.requires_grad], eager_grads):
-        torch.testing.assert_close(g, e)
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
 def test_compile_inductor_inference():
