@@ -2,7 +2,7 @@
 
 import torch
 
-from . import __version__, backends, get_backend
+from . import __version__, backends, explain, get_backend
 
 
 def main() -> None:
@@ -12,6 +12,11 @@ def main() -> None:
     for name, status in backends().items():
         print(f"  {name:7s} {'usable' if status.usable else 'missing':8s} {status.detail}")
     print(f"forced backend: {get_backend() or 'none (automatic)'}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"matmul routes on {device} (in_features 4096):")
+    for m in (1, 16, 64, 4096):
+        choice = explain(device, m, 4096)
+        print(f"  M={m:<5d} {choice['backend']}/{choice['route']}: {choice['why']}")
 
 
 if __name__ == "__main__":
