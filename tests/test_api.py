@@ -171,6 +171,39 @@ def test_opcheck(index):
     torch.library.opcheck(op, args)
 
 
+def _matmul_samples():
+    q = lora_kernels.quantize_nf4(random_weight((48, 128), torch.bfloat16, "cpu"))
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    A = torch.randn(4, 128, requires_grad=True)
+    B = torch.randn(48, 4, requires_grad=True)
+    bias = torch.randn(48, dtype=torch.bfloat16)
+    fields = (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset)
+    samples = [
+        (torch.ops.lora_kernels.qlora_linear.default,
+         (x.clone().requires_grad_(), None, *fields, 64, 48, A, B, 0.5, bias)),
+        (torch.ops.lora_kernels.qlora_linear.default,
+         (x, torch.randn(5, 128, dtype=torch.bfloat16), *fields, 64, 48, A, B, 2.0, None)),
+    ]
+    if lora_kernels.backends()["cpu"].usable:
+        xa = torch.randn(5, 4)
+        for route in (1, 2):
+            samples.append((torch.ops.lora_kernels_C.nf4_matmul.default,
+                            (x, *fields, 64, 48, 128, False, xa, B.detach(), 0.5, bias, route)))
+        samples.append((torch.ops.lora_kernels_C.nf4_matmul.default,
+                        (torch.randn(5, 48, dtype=torch.bfloat16), *fields, 64, 48, 128, True, None, None, 0.0,
+                         None, 0)))
+    return samples
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_opcheck_matmul(index):
+    samples = _matmul_samples()
+    if index >= len(samples):
+        pytest.skip("C++ CPU backend not built")
+    op, args = samples[index]
+    torch.library.opcheck(op, args)
+
+
 def test_compile_fullgraph_matches_eager():
     w = random_weight((300, 70), torch.bfloat16, "cpu")
 
