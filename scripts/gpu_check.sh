@@ -46,6 +46,14 @@ $SAN --tool racecheck python -m pytest tests/test_quant.py -q -x -k "cuda-cuda a
   >"$OUT/racecheck.txt" 2>&1 || status=1
 tail -n 3 "$OUT/racecheck.txt" | tee -a "$OUT/summary.txt"
 
+step "compute-sanitizer memcheck + racecheck on the QLoRA matmul (decode kernel: shared tables and reductions)"
+$SAN --tool memcheck python -m pytest tests/test_qlora_linear.py -q -x -k "cuda-cuda and (ranks or 96-128-17)" \
+  >"$OUT/memcheck_qlora.txt" 2>&1 || status=1
+tail -n 3 "$OUT/memcheck_qlora.txt" | tee -a "$OUT/summary.txt"
+$SAN --tool racecheck python -m pytest tests/test_qlora_linear.py -q -x -k "cuda-cuda and 96-128-3-" \
+  >"$OUT/racecheck_qlora.txt" 2>&1 || status=1
+tail -n 3 "$OUT/racecheck_qlora.txt" | tee -a "$OUT/summary.txt"
+
 step "benchmarks"
 python -m bench --out bench/results >"$OUT/bench.txt" 2>&1 || status=1
 grep -E "met|MISSED|wrote" "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
