@@ -55,3 +55,101 @@ def test_wrong_kernel_is_reported_not_timed(monkeypatch):
 def test_markdown_table_marks_untimed_rows():
     table = harness.markdown_table([harness.Row("quant", "case", "ours:x", note="WRONG: packed differs")])
     assert "| case | ours:x | - | - | - | WRONG: packed differs |" in table
+
+
+# ---- the forward and train suites ---------------------------------------------------------------
+def _ours_usable():
+    return ["torch"] + (["cpu"] if lora_kernels.backends()["cpu"].usable else [])
+
+
+@pytest.fixture(scope="module")
+def forward_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_forward")
+    rc = bench_main.main(["--quick", "--suite", "forward", "--device", "cpu", "--out", str(out)])
+    (path,) = out.glob("*.json")
+    return rc, json.loads(path.read_text())
+
+
+def test_forward_quick_run_checks_and_times_ours(forward_run):
+    rc, result = forward_run
+    rows = result["rows"]
+    assert {r["suite"] for r in rows} == {"forward"}
+    for M in (1, 64):
+        case = [r for r in rows if r["case"] == f"forward 4096x4096 M={M}"]
+        impls = {r["impl"]: r for r in case}
+        for name in [f"ours:{b}" for b in _ours_usable()] + ["bf16 F.linear + LoRA", "bf16 F.linear"]:
+            assert impls[name]["correct"] is True and impls[name]["ms"] > 0, name
+        if "ours:cpu" in impls:
+            assert impls["ours:cpu"]["note"].startswith("route ")
+            for route in ("fused", "dequant_gemm"):
+                assert impls[f"ours:cpu/{route}"]["correct"] is True and impls[f"ours:cpu/{route}"]["ms"] > 0
+    assert rc == 0
+    if lora_kernels.backends()["cpu"].usable:
+        assert any("no slower than bf16 F.linear" in v for v in result["verdicts"])
+        assert any("within 1.3x of bf16 F.linear" in v for v in result["verdicts"])
+
+
+@pytest.fixture
+def broken_matmul(monkeypatch):
+    """Every QLoRA forward of ours returns its result plus one: plainly wrong."""
+    real = lora_kernels.ops.nf4_matmul
+
+    def broken(*args, **kwargs):
+        return real(*args, **kwargs) + 1
+
+    monkeypatch.setattr(lora_kernels.ops, "nf4_matmul", broken)
+
+
+def test_forward_wrong_kernel_is_reported_not_timed(broken_matmul):
+    from bench import forward
+
+    rows, goals = forward.run(torch.device("cpu"), True, _ours_usable(), lambda line: None, shapes=[(256, 256)])
+    ours = [r for r in rows if r.impl.startswith("ours")]
+    assert ours and all(r.correct is False and r.ms is None and "WRONG" in r.note for r in ours)
+    dense = [r for r in rows if r.impl.startswith("bf16")]
+    assert dense and all(r.correct is True and r.ms > 0 for r in dense)  # the peers are unaffected
+    assert not goals  # no verdict from an untimed kernel
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_train")
+    rc = bench_main.main(["--quick", "--suite", "train", "--device", "cpu", "--out", str(out)])
+    (path,) = out.glob("*.json")
+    return rc, json.loads(path.read_text())
+
+
+def test_train_quick_run_checks_gradients_and_times(train_run):
+    _, result = train_run
+    impls = {r["impl"]: r for r in result["rows"] if r["case"] == "train 1024x1024 M=64"}
+    for name in ("ours:torch", "bf16 nn.Linear + LoRA"):
+        assert impls[name]["correct"] is True and impls[name]["ms"] > 0, name
+    assert not result["verdicts"]  # the train goals are GPU goals
+
+
+@pytest.mark.xfail(reason="csrc/ops.cpp: the CPU dequant+GEMM route calls at::mm_out inside at::parallel_for; "
+                          "OpenMP worker threads do not inherit the below-autograd dispatch state, so it raises "
+                          "when x requires grad and W spans more than one tile (passes with 1 thread)")
+def test_train_quick_run_ours_cpu_is_correct(train_run):
+    if not lora_kernels.backends()["cpu"].usable:
+        pytest.skip("the C++ extension is not built")
+    rc, result = train_run
+    (row,) = [r for r in result["rows"] if r["impl"] == "ours:cpu"]
+    assert row["correct"] is True and row["ms"] > 0, row["note"]
+    assert rc == 0
+
+
+def test_train_wrong_kernel_is_reported_not_timed(broken_matmul):
+    from bench import train
+
+    rows, _ = train.run(torch.device("cpu"), True, _ours_usable(), lambda line: None, shapes=[(256, 256)])
+    ours = [r for r in rows if r.impl.startswith("ours")]
+    assert ours and all(r.correct is False and r.ms is None and "WRONG" in r.note for r in ours)
+
+
+def test_shapes_flag_parses_out_x_in():
+    from bench import forward
+
+    assert forward.parse_shapes("4096x4096,11008x4096") == [(4096, 4096), (11008, 4096)]
+    with pytest.raises(ValueError, match="OUTxIN"):
+        forward.parse_shapes("4096")
