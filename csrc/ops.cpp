@@ -242,6 +242,9 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     const int64_t tile = std::max<int64_t>(1, kCpuTileBytes / (cols * static_cast<int64_t>(x.element_size())));
     const int64_t ntiles = (rows + tile - 1) / tile;
     at::parallel_for(0, ntiles, 1, [&](int64_t first, int64_t last) {
+      // Worker threads start with the default dispatch state; this op already sits below autograd
+      // (its gradient is registered in Python), so the ATen calls here must not record a graph.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       at::Tensor buf = at::empty({tile, cols}, x.options());
       for (int64_t t = first; t < last; ++t) {
         const int64_t n0 = t * tile, nn = std::min(tile, rows - n0);

@@ -127,9 +127,6 @@ def test_train_quick_run_checks_gradients_and_times(train_run):
     assert not result["verdicts"]  # the train goals are GPU goals
 
 
-@pytest.mark.xfail(reason="csrc/ops.cpp: the CPU dequant+GEMM route calls at::mm_out inside at::parallel_for; "
-                          "OpenMP worker threads do not inherit the below-autograd dispatch state, so it raises "
-                          "when x requires grad and W spans more than one tile (passes with 1 thread)")
 def test_train_quick_run_ours_cpu_is_correct(train_run):
     if not lora_kernels.backends()["cpu"].usable:
         pytest.skip("the C++ extension is not built")

@@ -154,3 +154,12 @@ def test_no_grad_path_matches_autograd_path():
     y1 = lk.qlora_linear(x, q, A.requires_grad_(), B, 2.0, b)
     assert y1.requires_grad and not y0.requires_grad
     torch.testing.assert_close(y0, y1.detach(), rtol=0, atol=0)
+
+
+def test_cpu_tiled_route_under_autograd(backend):
+    """A weight of several 1 MiB tiles: the CPU dequant+GEMM route runs its GEMMs on worker threads,
+    which must not try to record autograd (they once raised 'out= arguments don't support
+    automatic differentiation' when x required grad)."""
+    if not lk.backends()["cpu"].usable:
+        pytest.skip("C++ CPU backend not built")
+    _compare("cpu", "cpu", backend, 24, 1280, 1024, 8, torch.bfloat16)
