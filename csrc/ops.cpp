@@ -200,11 +200,18 @@ void add_epilogue(at::Tensor& out, const c10::optional<at::Tensor>& lora_left,
   if (bias.has_value()) out.add_(*bias);
 }
 
-// CPU rows of x up to which the fused kernel beats dequantize + GEMM (measured by `python -m bench`,
-// Xeon with AMX, 2 threads: see bench/results). The Python dispatcher keeps the same table.
-constexpr int64_t kCpuFusedMaxRows = 8;
-// The dequantized tile each thread feeds to the GEMM: small enough to stay in its L2.
-constexpr int64_t kCpuTileBytes = int64_t(1) << 20;
+// CPU rows of x up to which the fused kernel beats dequantize + GEMM (see FUSED_MAX_ROWS in
+// lora_kernels/ops.py, which keeps the same table and says how it was measured). Used for route 0.
+constexpr int64_t kCpuFusedMaxRows = 4;
+
+// The per-thread scratch buffer of the CPU dequant + GEMM route: it grows to the largest weight
+// this thread has multiplied (one copy in the compute dtype) and is kept for the next call.
+at::Tensor cpu_scratch(int64_t numel, at::ScalarType dtype) {
+  thread_local at::Tensor scratch;
+  const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+  if (!scratch.defined() || scratch.numel() < nbytes) scratch = empty_cpu(nbytes, at::kByte);
+  return scratch.narrow(0, 0, nbytes).view(dtype);
+}
 
 at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const c10::optional<at::Tensor>& nested_absmax,
@@ -231,31 +238,14 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   cpu::decode_scales(a.w.scales, nblocks, scales.data_ptr<float>());
   BlockScales plain;
   plain.absmax = scales.data_ptr<float>();
-  if (transpose || cols % blocksize != 0) {
-    // One dequantized copy of W, then one GEMM (the backward's dx, or a layer whose blocks straddle rows).
-    at::Tensor wt = at::empty({rows, cols}, x.options());
-    cpu::dequantize_nf4(a.w.packed, plain, blocksize, rows * cols, wt.data_ptr(), to_dtype(dtype));
-    out = transpose ? at::mm(x, wt) : at::mm(x, wt.t());
-  } else {
-    // Forward: each thread dequantizes a tile of W's rows into its own L2-sized buffer and runs a
-    // single-threaded GEMM on it, writing its columns of out; W is never dequantized whole.
-    const int64_t tile = std::max<int64_t>(1, kCpuTileBytes / (cols * static_cast<int64_t>(x.element_size())));
-    const int64_t ntiles = (rows + tile - 1) / tile;
-    at::parallel_for(0, ntiles, 1, [&](int64_t first, int64_t last) {
-      // Worker threads start with the default dispatch state; this op already sits below autograd
-      // (its gradient is registered in Python), so the ATen calls here must not record a graph.
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      at::Tensor buf = at::empty({tile, cols}, x.options());
-      for (int64_t t = first; t < last; ++t) {
-        const int64_t n0 = t * tile, nn = std::min(tile, rows - n0);
-        BlockScales part;
-        part.absmax = plain.absmax + n0 * cols / blocksize;
-        cpu::dequantize_nf4(a.w.packed + n0 * cols / 2, part, blocksize, nn * cols, buf.data_ptr(), to_dtype(dtype));
-        auto dst = out.narrow(1, n0, nn);
-        at::mm_out(dst, x, buf.narrow(0, 0, nn).t());
-      }
-    });
-  }
+  // One dequantized copy of W in a scratch buffer that this thread keeps for its next call, then
+  // one GEMM (oneDNN: AMX / AVX-512 where the CPU has them). Reusing the buffer matters: faulting
+  // in fresh pages cost more than the dequantization itself. Measured here (Xeon, 2 threads),
+  // this beat dequantizing tiles into an L2-sized buffer with one GEMM per tile: small GEMMs lose
+  // more to oneDNN's per-call packing than the cache saves.
+  at::Tensor wt = cpu_scratch(rows * cols, dtype).view({rows, cols});
+  cpu::dequantize_nf4(a.w.packed, plain, blocksize, rows * cols, wt.data_ptr(), to_dtype(dtype));
+  out = transpose ? at::mm(x, wt) : at::mm(x, wt.t());
   add_epilogue(out, lora_left, lora_right, lora_scaling, bias);
   return out;
 }

@@ -217,12 +217,13 @@ ROUTES = {"cuda": ("fused", "dequant_gemm"), "triton": ("fused",), "cpu": ("fuse
 _ROUTE_CODES = {"fused": 1, "dequant_gemm": 2}
 
 # The largest M for which the fused route is picked, per (backend, device architecture); above it
-# dequantize + GEMM wins. CPU: measured with `python -m bench --suite forward` on the Xeon (AMX,
-# 2 threads) this project's CI uses, where the fused GEMV beats oneDNN's bf16 GEMM up to about
-# 8 rows. CUDA: the decode kernel's own limit (kDecodeMaxRows); not yet measured on a GPU. Where
-# an architecture is missing, the "default" entry applies.
+# dequantize + GEMM wins. CPU: both routes forced and timed side by side (bf16, 4096x4096, 2
+# threads, a Xeon with AVX-512 BF16 and AMX, 2026-11-28): fused 0.56x / 1.15x / 2.1x the time of
+# bf16 F.linear at M = 1 / 4 / 8, dequant+GEMM 1.6x at all three; see `python -m bench --suite
+# forward` for the current figures. CUDA: the decode kernel's own limit (kDecodeMaxRows), not yet
+# measured on a GPU. Where an architecture is missing, the "default" entry applies.
 FUSED_MAX_ROWS = {
-    "cpu": {"default": 8},
+    "cpu": {"default": 4},
     "cuda": {"default": 16},
 }
 

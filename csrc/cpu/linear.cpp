@@ -125,6 +125,45 @@ LK_AVX512 void row_dot_avx512(const uint8_t* bytes, const BlockScales& s, int64_
   for (int r = 0; r < R; ++r) result[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc_hi[r], acc_lo[r]));
 }
 
+// AVX-512 BF16, for bf16 x: the block's table is rounded to bf16 (so each weight is exactly the
+// reference's bf16 dequantized value), one vpermw turns 16 packed bytes into 32 bf16 weights in
+// element order, and one vdpbf16ps a row multiplies them with 32 bf16 elements of x, read in place
+// (no staging), accumulating pairs of exact products in fp32.
+#define LK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool has_avx512bf16() {
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
+template <int R>
+LK_AVX512BF16 void row_dot_avx512bf16(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K,
+                                      int64_t blocksize, const c10::BFloat16* x, int64_t x_stride, float* result) {
+  static constexpr float kNF4[16] = LK_NF4_VALUES;
+  const __m512 nf4 = _mm512_loadu_ps(kNF4);
+  const __m512i low_nibble_hi_word = _mm512_set1_epi32(0x000F0000);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += blocksize) {
+    // fp32(nf4 * scale) rounded to nearest even bf16 (integer rounding: no flush of subnormals)
+    const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(nf4, _mm512_set1_ps(block_scale(s, first_block + k0 / blocksize))));
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __m512i table = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(rounded));
+    for (int64_t c = k0; c < k0 + blocksize; c += kChunk) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2)));
+      const __m512i idx =
+          _mm512_ternarylogic_epi32(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(b, 16), low_nibble_hi_word, 0xF8);
+      const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * x_stride + c);
+        acc[r] = _mm512_dpbf16_ps(acc[r], w, xv);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) result[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
 // AVX2: two 8-entry permutes and a blend on bit 3 of the code make the 16-entry lookup.
 LK_AVX2 inline __m256 lookup16(__m128i codes8_in_low_half, __m256 t_lo, __m256 t_hi) {
   const __m256i idx = _mm256_cvtepu8_epi32(codes8_in_low_half);
@@ -208,29 +247,55 @@ void decode_scales(const BlockScales& scales, int64_t nblocks, float* out) {
   });
 }
 
+using RowDotBF16 = void (*)(const uint8_t*, const BlockScales&, int64_t, int64_t, int64_t, const c10::BFloat16*,
+                           int64_t, float*);
+
+RowDotBF16 row_dot_bf16_for(int rows) {
+#if defined(__x86_64__)
+  switch (rows) {
+    case 1: return &row_dot_avx512bf16<1>;
+    case 2: return &row_dot_avx512bf16<2>;
+    case 3: return &row_dot_avx512bf16<3>;
+    default: return &row_dot_avx512bf16<4>;
+  }
+#else
+  return nullptr;
+#endif
+}
+
 void nf4_linear_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out) {
   const int64_t N = w.rows, K = w.cols, blocks_per_row = K / w.blocksize;
-  std::vector<float> xs(static_cast<size_t>(M * K));
-  stage_x(x, dtype, M, K, xs.data());
+#if defined(__x86_64__)
+  const bool bf16_dot = dtype == DType::kBF16 && has_avx512bf16();
+#else
+  const bool bf16_dot = false;
+#endif
+  std::vector<float> xs(bf16_dot ? 0 : static_cast<size_t>(M * K));
+  if (!bf16_dot) stage_x(x, dtype, M, K, xs.data());
   const int64_t rank = epi.lora_left != nullptr ? epi.rank : 0;
   std::vector<float> left(static_cast<size_t>(M * rank));
   for (int64_t i = 0; i < M * rank; ++i) left[i] = load_as_float(epi.lora_left, epi.lora_dtype, i);
 
   // Enough rows a task that the per-task overhead vanishes, few enough that both threads get work.
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, N / (4 * at::get_num_threads())));
+  // Row groups outside, weight rows inside: a group's rows of x (4 x K elements) stay in L1 while
+  // the task's weight rows (grain x K / 2 bytes, in L2) stream past them once per group.
   at::parallel_for(0, N, grain, [&](int64_t first, int64_t last) {
     float acc[kRowsPerPass];
-    std::vector<float> right(static_cast<size_t>(rank));
-    for (int64_t n = first; n < last; ++n) {
-      const uint8_t* bytes = w.packed + n * K / 2;
-      for (int64_t j = 0; j < rank; ++j) right[j] = load_as_float(epi.lora_right, epi.lora_dtype, n * rank + j);
-      const float bias = epi.bias != nullptr ? load_as_float(epi.bias, dtype, n) : 0.f;
-      for (int64_t m0 = 0; m0 < M; m0 += kRowsPerPass) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRowsPerPass, M - m0));
-        row_dot_for(rows)(bytes, w.scales, n * blocks_per_row, K, w.blocksize, xs.data() + m0 * K, K, acc);
+    for (int64_t m0 = 0; m0 < M; m0 += kRowsPerPass) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRowsPerPass, M - m0));
+      for (int64_t n = first; n < last; ++n) {
+        const uint8_t* bytes = w.packed + n * K / 2;
+        if (bf16_dot)
+          row_dot_bf16_for(rows)(bytes, w.scales, n * blocks_per_row, K, w.blocksize,
+                                 static_cast<const c10::BFloat16*>(x) + m0 * K, K, acc);
+        else
+          row_dot_for(rows)(bytes, w.scales, n * blocks_per_row, K, w.blocksize, xs.data() + m0 * K, K, acc);
+        const float bias = epi.bias != nullptr ? load_as_float(epi.bias, dtype, n) : 0.f;
         for (int r = 0; r < rows; ++r) {
           float lora = 0.f;
-          for (int64_t j = 0; j < rank; ++j) lora += left[(m0 + r) * rank + j] * right[j];
+          for (int64_t j = 0; j < rank; ++j)
+            lora += left[(m0 + r) * rank + j] * load_as_float(epi.lora_right, epi.lora_dtype, n * rank + j);
           const float v = acc[r] + epi.lora_scaling * lora + bias;
           store_as(out, dtype, (m0 + r) * N + n, v);
         }

@@ -257,6 +257,64 @@ LK_AVX2 void dequantize_avx2_fp32(const uint8_t* bytes, int64_t len, float scale
   if (2 * j < len) dequantize_scalar(bytes + j, len - 2 * j, scale, dst + 2 * j);
 }
 
+
+// AVX-512: one vpermw / vpermps looks up a whole register of codes in the block's 16-entry table.
+// The index register is built so the outputs come out in element order: for each packed byte b
+// (zero-extended to a 32-bit lane for 16-bit outputs, a 64-bit lane for fp32), the low half of
+// the lane gets b >> 4 (the first element, bitsandbytes' high nibble) and the high half b & 15.
+#define LK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
+
+// 16 fp32 -> 16 bf16 bit patterns, round to nearest even (finite values), as round_to_bf16; no
+// flush of subnormals (vcvtneps2bf16 would flush them, the spec does not).
+LK_AVX512 inline __m256i round_to_bf16_16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  return _mm512_cvtepi32_epi16(r);
+}
+
+template <typename T>
+LK_AVX512 void dequantize_avx512_16bit(const uint8_t* bytes, int64_t len, float scale, T* dst) {
+  static constexpr float kNF4[16] = LK_NF4_VALUES;
+  const __m512 values = _mm512_mul_ps(_mm512_loadu_ps(kNF4), _mm512_set1_ps(scale));
+  __m256i table16;
+  if constexpr (std::is_same_v<T, c10::Half>)
+    table16 = _mm512_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  else
+    table16 = round_to_bf16_16(values);
+  const __m512i table = _mm512_castsi256_si512(table16);  // indices stay below 16: the upper half is never read
+  const __m512i low_nibble_hi_word = _mm512_set1_epi32(0x000F0000);
+  int64_t j = 0;
+  for (; j + 16 <= len / 2; j += 16) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j)));
+    // (b >> 4) | ((b << 16) & 0x000F0000): 0xF8 is A | (B & C)
+    const __m512i idx =
+        _mm512_ternarylogic_epi32(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(b, 16), low_nibble_hi_word, 0xF8);
+    _mm512_storeu_si512(dst + 2 * j, _mm512_permutexvar_epi16(idx, table));
+  }
+  if (2 * j < len) dequantize_scalar(bytes + j, len - 2 * j, scale, dst + 2 * j);
+}
+
+LK_AVX512 void dequantize_avx512_fp32(const uint8_t* bytes, int64_t len, float scale, float* dst) {
+  static constexpr float kNF4[16] = LK_NF4_VALUES;
+  const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(kNF4), _mm512_set1_ps(scale));
+  const __m512i low_nibble_hi_dword = _mm512_set1_epi64(0x0000000F00000000LL);
+  int64_t j = 0;
+  for (; j + 8 <= len / 2; j += 8) {
+    const __m512i b = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + j)));
+    const __m512i idx =
+        _mm512_ternarylogic_epi64(_mm512_srli_epi64(b, 4), _mm512_slli_epi64(b, 32), low_nibble_hi_dword, 0xF8);
+    _mm512_storeu_ps(dst + 2 * j, _mm512_permutexvar_ps(idx, table));
+  }
+  if (2 * j < len) dequantize_scalar(bytes + j, len - 2 * j, scale, dst + 2 * j);
+}
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+
 #endif
 
 bool has_avx2() {
@@ -277,6 +335,13 @@ void dequantize_range(const uint8_t* packed, const BlockScales& scales, int64_t 
     const int64_t len = std::min(blocksize, n - start);
     const uint8_t* bytes = packed + start / 2;
 #if defined(__x86_64__)
+    if (has_avx512()) {
+      if constexpr (std::is_same_v<T, float>)
+        dequantize_avx512_fp32(bytes, len, scale, out + start);
+      else
+        dequantize_avx512_16bit<T>(bytes, len, scale, out + start);
+      continue;
+    }
     if (has_avx2()) {
       if constexpr (std::is_same_v<T, float>)
         dequantize_avx2_fp32(bytes, len, scale, out + start);
