@@ -23,6 +23,7 @@
 
 #include "../kernels.h"
 #include "../nf4.h"
+#include "isa.h"
 
 namespace lora_kernels {
 namespace cpu {
@@ -89,16 +90,8 @@ void row_dot_scalar(const uint8_t* bytes, const BlockScales& s, int64_t first_bl
 #define LK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define LK_AVX2 __attribute__((target("avx2,fma")))
 
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return yes;
-}
-
-bool has_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
+bool has_avx512() { return isa_at_least(Isa::kAvx512); }
+bool has_avx2_fma() { return isa_at_least(Isa::kAvx2); }
 
 // AVX-512: vpermps takes the low 4 bits of each index, so neither nibble needs masking: the byte
 // shifted right by 4 within 16-bit lanes carries bits of its neighbour only above bit 3.
@@ -131,10 +124,7 @@ LK_AVX512 void row_dot_avx512(const uint8_t* bytes, const BlockScales& s, int64_
 // (no staging), accumulating pairs of exact products in fp32.
 #define LK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-bool has_avx512bf16() {
-  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return yes;
-}
+bool has_avx512bf16() { return isa_at_least(Isa::kAvx512Bf16); }
 
 template <int R>
 LK_AVX512BF16 void row_dot_avx512bf16(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K,

@@ -16,6 +16,7 @@
 
 #include "../kernels.h"
 #include "../nf4.h"
+#include "isa.h"
 
 namespace lora_kernels {
 namespace cpu {
@@ -309,22 +310,11 @@ LK_AVX512 void dequantize_avx512_fp32(const uint8_t* bytes, int64_t len, float s
   if (2 * j < len) dequantize_scalar(bytes + j, len - 2 * j, scale, dst + 2 * j);
 }
 
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
-  return yes;
-}
+bool has_avx512() { return isa_at_least(Isa::kAvx512); }
 
 #endif
 
-bool has_avx2() {
-#if defined(__x86_64__)
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return yes;
-#else
-  return false;
-#endif
-}
+bool has_avx2() { return isa_at_least(Isa::kAvx2); }
 
 template <typename T>
 void dequantize_range(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, T* out,
