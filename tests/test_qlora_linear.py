@@ -163,3 +163,11 @@ def test_cpu_tiled_route_under_autograd(backend):
     if not lk.backends()["cpu"].usable:
         pytest.skip("C++ CPU backend not built")
     _compare("cpu", "cpu", backend, 24, 1280, 1024, 8, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device,backend_name", backend_params())
+@pytest.mark.parametrize("blocksize", [32, 128, 256])
+def test_blocksizes(device, backend_name, backend, blocksize):
+    """Other quantization block sizes (the fused CPU kernel walks a block in chunks of 32)."""
+    for M in (1, 5):
+        _compare(device, backend_name, backend, M, 48, 256, 4, DTYPES[device][0], blocksize=blocksize)
