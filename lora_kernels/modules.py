@@ -18,7 +18,12 @@ from torch import nn
 from .api import SUPPORTED_DTYPES, qlora_linear, quantize_nf4
 from .nf4 import NF4Weight
 
-_NF4_BUFFERS = ("nf4_packed", "nf4_absmax", "nf4_nested_absmax", "nf4_nested_code", "nf4_offset")
+# The packed bytes are a frozen uint8 parameter, so FSDP2's fully_shard shards them (each rank holds
+# 1 / world of them; FSDP2 all-gathers integer parameters without its mixed-precision cast). The
+# scales are buffers: replicated, and never cast, since a bf16 copy of an fp32 scale would corrupt
+# the weight.
+_NF4_PARAM = "nf4_packed"
+_NF4_BUFFERS = ("nf4_absmax", "nf4_nested_absmax", "nf4_nested_code", "nf4_offset")
 
 
 class QLoRALinear(nn.Module):
@@ -85,7 +90,12 @@ class QLoRALinear(nn.Module):
         self.weight_dtype = q.dtype
         self.blocksize = q.blocksize
         self.double_quant = q.double_quant
-        for name, t in zip(_NF4_BUFFERS, (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset)):
+        packed = nn.Parameter(q.packed, requires_grad=False)
+        if _NF4_PARAM in self._parameters:
+            self._parameters[_NF4_PARAM] = packed
+        else:
+            self.register_parameter(_NF4_PARAM, packed)
+        for name, t in zip(_NF4_BUFFERS, (q.absmax, q.nested_absmax, q.nested_code, q.offset)):
             if name in self._buffers:
                 self._buffers[name] = t
             else:
@@ -96,11 +106,12 @@ class QLoRALinear(nn.Module):
         """The base weight as an NF4Weight (no copy). Built once and reused while the buffers are the
         same tensors (a .to() or a load replaces them), so the decode path does not re-validate it."""
         cached = self.__dict__.get("_qweight_cache")
-        if (cached is not None and cached.packed is self.nf4_packed and cached.absmax is self.nf4_absmax
+        packed = self.nf4_packed  # under FSDP2, the all-gathered bytes during forward / backward
+        if (cached is not None and cached.packed is packed and cached.absmax is self.nf4_absmax
                 and cached.nested_absmax is self.nf4_nested_absmax and cached.offset is self.nf4_offset):
             return cached
         self.__dict__["_qweight_cache"] = q = NF4Weight(
-            packed=self.nf4_packed,
+            packed=packed,
             absmax=self.nf4_absmax,
             shape=torch.Size((self.out_features, self.in_features)),
             dtype=self.weight_dtype,
@@ -213,6 +224,7 @@ class QLoRALinear(nn.Module):
     # ---- state dicts ---------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + _NF4_PARAM, None)  # saved below, in bitsandbytes' layout
         for key, t in self.qweight.state_dict(prefix=f"{prefix}weight").items():
             destination[key] = t
 
@@ -234,14 +246,20 @@ class QLoRALinear(nn.Module):
                 problems.append(f"{prefix}weight: {exc}")
         for name, param in self._parameters.items():
             key = prefix + name
+            if name == _NF4_PARAM:
+                continue
             if param is not None and key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
                 problems.append(f"{key}: shape {tuple(state_dict[key].shape)}, the layer's is {tuple(param.shape)}")
         if problems:
             error_msgs.extend(problems)
             return
         rest = {k: v for k, v in state_dict.items() if k not in weight_keys}
+        if q is not None:
+            rest[prefix + _NF4_PARAM] = q.packed  # the parameter's own key, so torch sees it loaded
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if prefix + _NF4_PARAM in missing_keys:  # reported as `weight` above, the name users know
+            missing_keys.remove(prefix + _NF4_PARAM)
         if q is not None:
             self._set_weight(q)
 
