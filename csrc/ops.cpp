@@ -12,8 +12,10 @@
 #endif
 
 #include "kernels.h"
+#include "cpu/isa.h"
 
 #include <cstdlib>
+#include <string>
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -250,6 +252,16 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   return out;
 }
 
+// What the CPU kernels use here: the instruction set detected, capped by LORA_KERNELS_CPU_ISA.
+std::string cpu_isa_name() {
+  switch (cpu::cpu_isa()) {
+    case cpu::Isa::kAvx512Bf16: return "avx512bf16";
+    case cpu::Isa::kAvx512: return "avx512";
+    case cpu::Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
 #ifdef LK_WITH_CUDA
 void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, "lora_kernels: CUDA ", what, " launch failed with cudaError ", err);
@@ -329,6 +341,7 @@ TORCH_LIBRARY(lora_kernels_C, m) {
   m.def(
       "dequantize_nf4(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
       "int blocksize, int numel, ScalarType dtype) -> Tensor");
+  m.def("cpu_isa() -> str", &lora_kernels::cpu_isa_name);
   m.def(
       "nf4_matmul(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? offset, int blocksize, int rows, int cols, bool transpose, Tensor? lora_left, Tensor? lora_right, "

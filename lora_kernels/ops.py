@@ -81,7 +81,8 @@ def _backend_status() -> dict[str, BackendStatus]:
     problem = _triton_problem()
     status["triton"] = BackendStatus(problem is None, problem or "Triton kernels")
     if _ext_has("CPU"):
-        status["cpu"] = BackendStatus(True, f"C++ kernels, {torch.get_num_threads()} threads")
+        isa = torch.ops.lora_kernels_C.cpu_isa()
+        status["cpu"] = BackendStatus(True, f"C++ kernels, {torch.get_num_threads()} threads, {isa} code paths")
     else:
         status["cpu"] = BackendStatus(False, _EXT_ERROR or "the extension has no CPU kernels")
     status["torch"] = BackendStatus(True, "pure-PyTorch reference (lora_kernels/reference.py)")
