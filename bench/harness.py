@@ -3,18 +3,24 @@
 On CUDA it times with CUDA events; on the CPU with perf_counter, repeating until about
 `budget_s` has passed (at least `min_runs`). Every kernel is checked before it is timed: a row
 whose check fails is reported as wrong and gets no time.
+
+The roofline: at the start of a run `device_peaks` measures the device's copy bandwidth and a
+large bf16 matmul's FLOP/s. Each timed row reports the GB/s and TFLOP/s it achieved (from the
+bytes it must move and the FLOPs it must do, given by its suite) and, in row.extra, bw_frac and
+flop_frac: those figures as fractions of the measured peaks.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
+import functools
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,7 +33,8 @@ class Row:
     ms: float | None = None
     p20_ms: float | None = None
     p80_ms: float | None = None
-    gbps: float | None = None
+    gbps: float | None = None  # bytes the implementation must move / median time
+    tflops: float | None = None  # FLOPs it must do / median time
     correct: bool | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
@@ -57,13 +64,17 @@ def time_fn(fn, device: torch.device, budget_s: float = 1.0, min_runs: int = 5, 
     return times
 
 
-def summarize(row: Row, times: list[float], nbytes: int | None = None) -> Row:
+def summarize(row: Row, times: list[float], nbytes: int | None = None, flops: int | None = None) -> Row:
     times = sorted(times)
     row.ms = statistics.median(times)
     row.p20_ms = times[int(0.2 * (len(times) - 1))]
     row.p80_ms = times[int(0.8 * (len(times) - 1))]
     if nbytes:
         row.gbps = nbytes / (row.ms * 1e-3) / 1e9
+        row.extra["bytes"] = nbytes
+    if flops:
+        row.tflops = flops / (row.ms * 1e-3) / 1e12
+        row.extra["flops"] = flops
     row.extra["runs"] = len(times)
     return row
 
@@ -80,7 +91,7 @@ def environment(device: torch.device) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU: {_cpu_model()}",
     }
-    for pkg in ("triton", "bitsandbytes", "lora_kernels"):
+    for pkg in ("triton", "bitsandbytes", "peft", "torchao", "matplotlib", "lora_kernels"):
         try:
             env[pkg] = __import__(pkg).__version__
         except Exception as exc:  # a missing peer is recorded, not hidden
@@ -98,29 +109,104 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 256 * 2**20) -> floa
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def write_results(rows: list[Row], env: dict, verdicts: list[str], out_dir: str) -> tuple[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    tag = env["device"].replace("CPU: ", "cpu-").replace(" ", "-").replace("/", "-").lower()[:40]
-    stem = os.path.join(out_dir, f"{env['date'][:10]}-{tag}-{env['commit']}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"environment": env, "rows": [asdict(r) for r in rows], "verdicts": verdicts}, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# Benchmark: {env['device']}\n\n")
-        f.write(f"{env['date']}, commit {env['commit']}{' (dirty)' if env['dirty'] else ''}, torch {env['torch']}, "
-                f"bitsandbytes {env['bitsandbytes']}, {env['cpu_threads']} CPU threads\n\n")
-        f.write(markdown_table(rows) + "\n\n## Goals\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n")
-    return stem + ".json", stem + ".md"
+def matmul_tflops(device: torch.device, n: int) -> float:
+    """Measured bf16 TFLOP/s of an n x n x n torch.mm on random data, the roofline for compute-bound kernels."""
+    g = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, n, device=device, generator=g).to(torch.bfloat16)
+    out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    ms = statistics.median(time_fn(lambda: torch.mm(a, b, out=out), device, budget_s=0.5, warmup=3))
+    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def markdown_table(rows: list[Row]) -> str:
-    lines = ["| case | implementation | median ms | p20-p80 ms | GB/s | note |", "|---|---|---:|---:|---:|---|"]
+# GPU: 8192^3 (1.1 TFLOP, ~1.4 ms on an H100) reaches the tensor cores' sustained rate, so the
+# largest layer matmuls (up to 8192 x 28672 x 8192) do not read above 100%; CPU: 2048^3 runs in
+# tens of milliseconds on a few cores.
+PEAK_MATMUL_N = {"cuda": 8192, "cpu": 2048}
+
+
+@functools.cache
+def device_peaks(device: torch.device) -> dict:
+    """The measured peaks of `device`, once a process: copy GB/s and bf16 matmul TFLOP/s."""
+    n = PEAK_MATMUL_N.get(device.type, 2048)
+    return {"peak_copy_gbps": copy_bandwidth_gbps(device), "peak_matmul_tflops": matmul_tflops(device, n),
+            "peak_matmul": f"bf16 torch.mm {n}x{n}x{n}"}
+
+
+def add_roofline(rows: list[Row], env: dict) -> None:
+    """row.extra bw_frac / flop_frac: the row's GB/s and TFLOP/s as fractions of env's measured peaks."""
     for r in rows:
-        if r.ms is None:
-            lines.append(f"| {r.case} | {r.impl} | - | - | - | {r.note} |")
+        if r.gbps and env.get("peak_copy_gbps"):
+            r.extra["bw_frac"] = r.gbps / env["peak_copy_gbps"]
+        if r.tflops and env.get("peak_matmul_tflops"):
+            r.extra["flop_frac"] = r.tflops / env["peak_matmul_tflops"]
+
+
+# ---- what the suites print through ---------------------------------------------------------------
+class Log:
+    """The suites' `log`: log(line) always prints (skips, wrong kernels, notes); log.row(row) prints
+    a timed row only with verbose; expect(n) / advance(what) drive a progress bar on stderr (shown
+    only when stderr is a terminal). Suites also accept a plain callable (tests pass one)."""
+
+    def __init__(self, verbose: bool = False, bar: bool | None = None):
+        self.verbose = verbose
+        self.bar = None
+        if bar is None:
+            bar = sys.stderr.isatty()
+        if bar:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=0, unit="case", file=sys.stderr, dynamic_ncols=True, leave=False)
+            except ImportError:
+                pass
+
+    def __call__(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write("  " + line, file=sys.stdout)
         else:
-            gb = f"{r.gbps:.1f}" if r.gbps else "-"
-            lines.append(f"| {r.case} | {r.impl} | {r.ms:.2f} | {r.p20_ms:.2f}-{r.p80_ms:.2f} | {gb} | {r.note} |")
-    return "\n".join(lines)
+            print("  " + line, flush=True)
+
+    def row(self, row: Row) -> None:
+        if self.verbose:
+            self(format_row(row))
+
+    def expect(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.refresh()
+
+    def advance(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(what[:40], refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_row(row: Row) -> str:
+    gb = f" {row.gbps:8.1f} GB/s" if row.gbps else ""
+    tf = f" {row.tflops:8.3f} TFLOP/s" if row.tflops else ""
+    return f"{row.case:34s} {row.impl:46s} {row.ms:10.4f} ms{gb}{tf}"
+
+
+def log_row(log, row: Row) -> None:
+    if hasattr(log, "row"):
+        log.row(row)
+    else:
+        log(format_row(row))
+
+
+def expect(log, n: int) -> None:
+    if hasattr(log, "expect"):
+        log.expect(n)
+
+
+def advance(log, what: str) -> None:
+    if hasattr(log, "advance"):
+        log.advance(what)
 
 
 def _git(*args) -> str:

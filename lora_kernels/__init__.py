@@ -2,6 +2,17 @@
 
 from .api import dequantize_nf4, qlora_linear, quantize_nf4
 from .modules import QLoRALinear, adapter_state_dict, load_adapter_state_dict, replace_linear
+from .integrations import (
+    ModelSummary,
+    from_bnb_model,
+    load_model,
+    load_peft_adapter,
+    print_trainable_parameters,
+    save_model,
+    save_peft_adapter,
+    summary,
+    to_bnb_model,
+)
 from .nf4 import NF4Weight
 from .ops import backends, explain, get_backend, get_route, set_backend, set_route
 
@@ -22,4 +33,13 @@ __all__ = [
     "get_backend",
     "quantize_nf4",
     "set_backend",
+    "ModelSummary",
+    "from_bnb_model",
+    "load_model",
+    "load_peft_adapter",
+    "print_trainable_parameters",
+    "save_model",
+    "save_peft_adapter",
+    "summary",
+    "to_bnb_model",
 ]

@@ -184,6 +184,61 @@ class QLoRALinear(nn.Module):
                 layer.bias.copy_(linear.bias.detach().to(layer.bias.dtype))
         return layer
 
+    @classmethod
+    def from_bnb(cls, linear4bit: nn.Module, **lora_kwargs) -> QLoRALinear:
+        """Wrap a quantized bitsandbytes `Linear4bit` (NF4) without dequantizing it: the new layer's
+        NF4 buffers are bitsandbytes' own packed bytes and scales (shared, not copied). The bias is
+        copied in the compute dtype, which defaults to the Linear4bit's (or, unset, its weight's dtype).
+        lora_kwargs: QLoRALinear's LoRA keywords (r, lora_alpha, lora_dropout, use_rslora, compute_dtype,
+        lora_dtype); blocksize and double quantization come from the bitsandbytes layer."""
+        from . import reference
+
+        weight = getattr(linear4bit, "weight", None)
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is None:
+            raise ValueError(f"from_bnb expects a quantized bitsandbytes Linear4bit, got {type(linear4bit).__name__} "
+                             "without a quant_state (bitsandbytes quantizes a Linear4bit when it is moved to a device)")
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes 0.50, Linear4bit.forward: an inference call on a CPU with AVX512-BF16 repacks
+            # the weight in place into its own tile layout with bf16 block scales; the NF4 bytes and
+            # double-quantized scales it was loaded with are gone, and its inverse re-quantizes them.
+            raise ValueError("this Linear4bit was repacked by bitsandbytes' CPU inference path (AVX512-BF16 layout "
+                             "with bf16 scales); its original NF4 bytes are gone. Load it again from its checkpoint.")
+        for key in ("blocksize", "double_quant"):
+            if key in lora_kwargs:
+                raise TypeError(f"from_bnb takes {key} from the bitsandbytes layer, not as a keyword")
+        if not torch.equal(quant_state.code.float().cpu(), reference.nf4_code()):
+            raise ValueError(f"the Linear4bit's code book is not NF4 (quant_type={quant_state.quant_type!r})")
+        q = NF4Weight.from_bnb(weight, quant_state)
+        if len(q.shape) != 2:
+            raise ValueError(f"the Linear4bit's weight has shape {tuple(q.shape)}, expected [out, in]")
+        compute_dtype = lora_kwargs.pop("compute_dtype", None) or getattr(linear4bit, "compute_dtype", None) or q.dtype
+        out_features, in_features = q.shape
+        bias = getattr(linear4bit, "bias", None)
+        layer = cls(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype, _weight=q,
+                    **lora_kwargs)
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias.detach().to(layer.bias.dtype))
+        return layer
+
+    def to_bnb(self) -> nn.Module:
+        """The base layer as a bitsandbytes `Linear4bit` (nf4) holding the same NF4 bytes and scales (shared,
+        not copied) and this layer's bias; the LoRA factors are not part of it (save them with
+        `save_peft_adapter`, or `merge()` first)."""
+        import bitsandbytes as bnb
+
+        packed, quant_state = self.qweight.to_bnb()
+        layer = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=self.bias is not None,
+                                  compute_dtype=self.compute_dtype, compress_statistics=self.double_quant,
+                                  quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=quant_state, blocksize=self.blocksize,
+                                         compress_statistics=self.double_quant, quant_type="nf4",
+                                         quant_storage=torch.uint8, module=layer, bnb_quantized=True)
+        if self.bias is not None:
+            layer.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
+        return layer
+
     # ---- merging -------------------------------------------------------------------------------
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """deq(W) + scaling * B . A, [out, in], in dtype (default: the compute dtype). The sum is

@@ -246,10 +246,13 @@ def get_route() -> str | None:
 
 
 def _arch(device: torch.device) -> str:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"sm_{major}{minor}"
-    return "default"
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else "default"
+
+
+@functools.cache
+def _cuda_arch(index: int) -> str:  # looked up once a device: every decode step asks
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
 
 
 def choose_route(backend: str, device: torch.device, M: int, cols: int, blocksize: int, transpose: bool) -> tuple[str, str]:
