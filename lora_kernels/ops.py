@@ -245,6 +245,7 @@ def get_route() -> str | None:
     return _forced_route
 
 
+@torch.compiler.assume_constant_result
 def _arch(device: torch.device) -> str:
     return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else "default"
 
