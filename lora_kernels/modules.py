@@ -187,8 +187,8 @@ class QLoRALinear(nn.Module):
     @classmethod
     def from_bnb(cls, linear4bit: nn.Module, **lora_kwargs) -> QLoRALinear:
         """Wrap a quantized bitsandbytes `Linear4bit` (NF4) without dequantizing it: the new layer's
-        NF4 buffers are bitsandbytes' own packed bytes and scales (shared, not copied). The bias is
-        copied in the compute dtype, which defaults to the Linear4bit's (or, unset, its weight's dtype).
+        NF4 buffers are bitsandbytes' own packed bytes and scales, and its bias the same tensor (shared,
+        not copied). The compute dtype defaults to the Linear4bit's (or, unset, its weight's dtype).
         lora_kwargs: QLoRALinear's LoRA keywords (r, lora_alpha, lora_dropout, use_rslora, compute_dtype,
         lora_dtype); blocksize and double quantization come from the bitsandbytes layer."""
         from . import reference
@@ -218,8 +218,9 @@ class QLoRALinear(nn.Module):
         layer = cls(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype, _weight=q,
                     **lora_kwargs)
         if bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(bias.detach().to(layer.bias.dtype))
+            # kept in its own dtype (shared, frozen), so a round trip to bitsandbytes is exact; the forward
+            # casts it to the compute dtype, as Linear4bit does
+            layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
         return layer
 
     def to_bnb(self) -> nn.Module:

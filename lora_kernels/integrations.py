@@ -1,0 +1,402 @@
+"""Moving models in and out of lora-kernels: PEFT adapter folders, bitsandbytes models, whole-model
+safetensors files, and a PEFT-style parameter summary.
+
+- `save_peft_adapter` / `load_peft_adapter`: the folder PEFT's `save_pretrained` writes
+  (adapter_model.safetensors + adapter_config.json), so `PeftModel.from_pretrained(base, folder)` loads
+  ours and we load PEFT's.
+- `from_bnb_model` / `to_bnb_model`: swap bitsandbytes `Linear4bit` (nf4) layers for QLoRALinear and
+  back without dequantizing; the NF4 bytes are the same tensors.
+- `save_model` / `load_model`: a swapped model as one safetensors file (no pickle); each NF4 base in
+  bitsandbytes' `Linear4bit` layout. Loading checks every tensor before it copies any.
+- `summary` / `print_trainable_parameters`: trainable and total parameter counts, weight bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .modules import QLoRALinear, load_adapter_state_dict, lora_layers, replace_linear
+from .nf4 import _QUANT_STATE_KEY, NF4Weight
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_ALIASES_KEY = "lora_kernels.aliases"
+
+
+# ---- PEFT adapter folders -------------------------------------------------------------------------
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                      task_type: str | None = None) -> None:
+    """Write the model's LoRA adapters as PEFT's `save_pretrained` does: `adapter_model.safetensors`
+    (keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`) and `adapter_config.json`
+    (peft_type LORA; target_modules lists the swapped layers by full name; a layer whose r or lora_alpha
+    differs from the most common one goes in rank_pattern / alpha_pattern). Load it with
+    `peft.PeftModel.from_pretrained(base_model, directory)` or `load_peft_adapter`.
+    task_type: PEFT's task type ("CAUSAL_LM", ...) or None, as PEFT writes for a bare model."""
+    from safetensors.torch import save_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no QLoRALinear layers; swap it with replace_linear or from_bnb_model first")
+    for attr in ("use_rslora", "lora_dropout"):
+        values = {getattr(layer, attr) for layer in layers.values()}
+        if len(values) > 1:
+            raise ValueError(f"PEFT's config has one {attr} for all layers; the model's layers have {sorted(values)}")
+    any_layer = next(iter(layers.values()))
+    r = _most_common(layer.r for layer in layers.values())
+    alpha = _most_common(layer.lora_alpha for layer in layers.values())
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "target_modules": sorted(layers),
+        "exclude_modules": None,
+        "lora_dropout": any_layer.lora_dropout,
+        "use_rslora": any_layer.use_rslora,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        # Full module names as keys: PEFT matches a key as a suffix of the module name ("(.*\.)?key$").
+        "rank_pattern": {name: layer.r for name, layer in layers.items() if layer.r != r},
+        "alpha_pattern": {name: _number(layer.lora_alpha) for name, layer in layers.items()
+                          if layer.lora_alpha != alpha},
+        "use_dora": False,
+        "lora_bias": False,
+        "layer_replication": None,
+    }
+    tensors = {k: t.detach().contiguous().cpu() for k, t in _adapter_tensors(layers).items()}
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _adapter_tensors(layers: dict[str, QLoRALinear]) -> dict[str, torch.Tensor]:
+    return {f"{PEFT_PREFIX}{name}.{key}": t for name, layer in layers.items()
+            for key, t in layer.adapter_state_dict().items()}
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name it ends (peft
+    `tuners_utils.get_pattern_key`: re.match(rf"(.*\\.)?({key})$", name))."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "fan_in_fan_out": (False, None),
+    "bias": ("none", None),
+    "modules_to_save": (None, [], ()),
+    "lora_bias": (False, None),
+    "layer_replication": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "target_parameters": (None, []),
+    "use_qalora": (False, None),
+}
+
+
+def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    config_path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter folder")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; lora-kernels loads LORA adapters")
+    unsupported = [f"{key}={config[key]!r}" for key, allowed in _UNSUPPORTED.items()
+                   if key in config and config[key] not in allowed]
+    if unsupported:
+        raise ValueError(f"{config_path}: lora-kernels does not support {', '.join(unsupported)}")
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    if os.path.isfile(weights):
+        from safetensors.torch import load_file
+
+        tensors = load_file(weights)
+    elif os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS_BIN)):
+        tensors = torch.load(os.path.join(directory, ADAPTER_WEIGHTS_BIN), map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{directory} has neither {ADAPTER_WEIGHTS} nor {ADAPTER_WEIGHTS_BIN}")
+    return config, tensors
+
+
+def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progress: bool = False,
+                      **lora_kwargs) -> list[str]:
+    """Load a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) into the model.
+
+    The layers adapted are the ones the file holds tensors for (the layers the config's target_modules
+    matched when it was saved). A layer that is still an nn.Linear is swapped with replace_linear using the
+    config's r (rank_pattern), lora_alpha (alpha_pattern), use_rslora and lora_dropout; lora_kwargs adds
+    QLoRALinear's other keywords (compute_dtype, blocksize, ...). A layer already a QLoRALinear must have
+    the config's r, lora_alpha and use_rslora. Everything is checked before anything is swapped or copied:
+    on a problem a ValueError names each one and the model is unchanged. Returns the names swapped here.
+    """
+    config, tensors = _read_adapter(directory)
+    for key in ("r", "lora_alpha", "use_rslora", "lora_dropout"):
+        if key in lora_kwargs:
+            raise TypeError(f"load_peft_adapter takes {key} from {ADAPTER_CONFIG}, not as a keyword")
+    default_r, default_alpha = int(config.get("r", 8)), config.get("lora_alpha", 8)
+    use_rslora, dropout = bool(config.get("use_rslora", False)), float(config.get("lora_dropout", 0.0) or 0.0)
+
+    problems, factors = [], {}
+    for key, t in tensors.items():
+        match = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+        if match is None:
+            problems.append(f"{key}: not a LoRA factor (expected {PEFT_PREFIX}<module>.lora_A.weight / lora_B.weight)")
+            continue
+        factors.setdefault(match.group(1), {})[match.group(2)] = t
+    modules = dict(model.named_modules())
+    to_swap: dict[tuple[int, float], list[str]] = {}
+    for name, pair in factors.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            problems.append(f"{name}: the file has {sorted(pair)} but not both lora_A and lora_B")
+            continue
+        r = int(_pattern_value(config.get("rank_pattern"), name, default_r))
+        alpha = _pattern_value(config.get("alpha_pattern"), name, default_alpha)
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"{name}: the model has no module of that name")
+            continue
+        if not isinstance(module, nn.Linear) and not isinstance(module, QLoRALinear):
+            problems.append(f"{name}: is a {type(module).__name__}; lora-kernels adapts nn.Linear layers")
+            continue
+        a_shape, b_shape = tuple(pair["lora_A"].shape), tuple(pair["lora_B"].shape)
+        want_a, want_b = (r, module.in_features), (module.out_features, r)
+        if a_shape != want_a or b_shape != want_b:
+            problems.append(f"{name}: lora_A {a_shape} and lora_B {b_shape}, the layer and r={r} need "
+                            f"{want_a} and {want_b}")
+            continue
+        if isinstance(module, QLoRALinear):
+            if (module.r, float(module.lora_alpha), module.use_rslora) != (r, float(alpha), use_rslora):
+                problems.append(f"{name}: the layer has r={module.r}, lora_alpha={module.lora_alpha}, use_rslora="
+                                f"{module.use_rslora}; the adapter r={r}, lora_alpha={alpha}, use_rslora={use_rslora}")
+        else:
+            to_swap.setdefault((r, alpha), []).append(name)
+    missing = [name for name in lora_layers(model) if name not in factors]
+    if missing:
+        problems.append(f"the model's QLoRALinear layers {missing} have no tensors in the adapter")
+    if not factors and not problems:
+        problems.append("the adapter holds no LoRA tensors")
+    if problems:
+        raise ValueError(f"adapter {directory} does not fit the model, nothing loaded:\n  " + "\n  ".join(problems))
+
+    swapped = []
+    for (r, alpha), names in to_swap.items():
+        swapped += replace_linear(model, target_modules=names, include_tied=True, progress=progress, r=r,
+                                  lora_alpha=alpha, use_rslora=use_rslora, lora_dropout=dropout, **lora_kwargs)
+    load_adapter_state_dict(model, tensors, prefix=PEFT_PREFIX)
+    return swapped
+
+
+# ---- bitsandbytes models --------------------------------------------------------------------------
+def _swap(model: nn.Module, built: list[tuple[str, nn.Module]]) -> None:
+    for name, layer in built:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+
+
+def from_bnb_model(model: nn.Module, **lora_kwargs) -> list[str]:
+    """Swap every bitsandbytes `Linear4bit` (nf4) in the model for a QLoRALinear holding the same NF4
+    bytes and scales (shared, not dequantized or copied), in place. Returns the swapped names.
+
+    lora_kwargs: QLoRALinear.from_bnb's keywords (r, lora_alpha, lora_dropout, use_rslora, compute_dtype,
+    ...). Every layer is checked and built before any is swapped, so an fp4 layer (or one bitsandbytes has
+    repacked for CPU inference) leaves the model unchanged. Afterwards only the LoRA factors require grad.
+    """
+    import bitsandbytes as bnb
+
+    built, problems = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        try:
+            built.append((name, QLoRALinear.from_bnb(module, **dict(lora_kwargs))))
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
+    if problems:
+        raise ValueError("cannot swap these Linear4bit layers, nothing changed:\n  " + "\n  ".join(problems))
+    if not built:
+        raise ValueError("the model has no bitsandbytes Linear4bit layers")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _swap(model, built)
+    return [name for name, _ in built]
+
+
+def to_bnb_model(model: nn.Module) -> list[str]:
+    """Swap every QLoRALinear back to a bitsandbytes `Linear4bit` (nf4) holding the same bytes, in place;
+    the LoRA factors are dropped (a warning says so when any is non-zero: save them first with
+    `save_peft_adapter`, then `peft.PeftModel.from_pretrained` on the bitsandbytes model). Returns the names."""
+    layers = lora_layers(model)
+    trained = [name for name, layer in layers.items() if bool(layer.lora_B.detach().ne(0).any())]
+    if trained:
+        warnings.warn(f"to_bnb_model drops the LoRA adapters of {len(trained)} layer(s) (e.g. {trained[0]}); "
+                      "save them with save_peft_adapter first")
+    built = [(name, layer.to_bnb()) for name, layer in layers.items()]
+    _swap(model, built)
+    return [name for name, _ in built]
+
+
+# ---- whole models as safetensors ------------------------------------------------------------------
+def _view_key(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> None:
+    """Write model.state_dict() to one safetensors file (no pickle). Each QLoRALinear's base is in
+    bitsandbytes' Linear4bit layout (its quant_state JSON is a uint8 tensor). A tensor that is the very
+    same view as an earlier one (tied weights, the shared NF4 code book) is stored once and recorded as
+    an alias in the file's metadata; other tensors sharing memory are stored as copies."""
+    from safetensors.torch import save_file
+
+    tensors, aliases, first_of, storages = {}, {}, {}, set()
+    for key, t in model.state_dict().items():
+        view = _view_key(t)
+        if view in first_of:
+            aliases[key] = first_of[view]
+            continue
+        first_of[view] = key
+        storage = (t.device, t.untyped_storage().data_ptr())
+        t = t.detach()
+        if storage in storages or not t.is_contiguous():
+            t = t.contiguous().clone()
+        storages.add(storage)
+        tensors[key] = t.cpu()
+    meta = {"format": "pt", **(metadata or {})}
+    if aliases:
+        meta[_ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_model(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a file written by save_model into the model (which must have the same structure: swap it
+    first). Every key and shape is checked, and every NF4 base decoded, before anything is copied; a
+    missing, unexpected or mis-shaped tensor raises a ValueError naming each one and leaves the model
+    unchanged. (A quant_state JSON tensor's length varies with its numbers, so it is checked by decoding.)"""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    loaded = load_file(str(path))
+    for key, target in json.loads(meta.get(_ALIASES_KEY, "{}")).items():
+        if target in loaded:
+            loaded[key] = loaded[target]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    misshaped = []
+    for key in sorted(set(expected) & set(loaded)):
+        want, got = expected[key], loaded[key]
+        if key.endswith(_QUANT_STATE_KEY):
+            continue
+        if tuple(want.shape) != tuple(got.shape):
+            misshaped.append(f"{key}: shape {tuple(got.shape)}, the model's is {tuple(want.shape)}")
+        elif want.is_floating_point() != got.is_floating_point():
+            misshaped.append(f"{key}: dtype {got.dtype}, the model's is {want.dtype}")
+    for name, layer in lora_layers(model).items():
+        prefix = f"{name}." if name else ""
+        sub = {k[len(prefix):]: t for k, t in loaded.items() if k.startswith(f"{prefix}weight")}
+        if "weight" not in sub:
+            continue  # reported as missing
+        try:
+            q = NF4Weight.from_state_dict(sub, prefix="weight")
+            if tuple(q.shape) != (layer.out_features, layer.in_features):
+                raise ValueError(f"shape {tuple(q.shape)}, the layer is [{layer.out_features}, {layer.in_features}]")
+        except ValueError as exc:
+            misshaped.append(f"{prefix}weight: {exc}")
+    problems = ([f"missing: {', '.join(missing)}"] if missing else []) + \
+               ([f"unexpected: {', '.join(unexpected)}"] if unexpected else []) + misshaped
+    if problems:
+        raise ValueError(f"{path} does not fit the model, nothing loaded:\n  " + "\n  ".join(problems))
+    model.load_state_dict(loaded, strict=True)
+
+
+# ---- summary ------------------------------------------------------------------------------------
+@dataclass
+class ModelSummary:
+    """trainable_params / all_params count elements as PEFT does (an NF4 base counts its out x in
+    weights); weight_bytes is the memory the parameters and NF4 bases hold (scales included)."""
+
+    trainable_params: int
+    all_params: int
+    weight_bytes: int
+    lora_layers: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.all_params, 1)
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} || "
+                f"trainable%: {self.trainable_percent:.4f} || weights: {self.weight_bytes / 2**20:.2f} MiB || "
+                f"QLoRALinear layers: {self.lora_layers}")
+
+
+def summary(model: nn.Module) -> ModelSummary:
+    """Parameter counts and weight memory of a model, swapped or not (call it before and after a swap)."""
+    trainable = total = nbytes = 0
+    layers = lora_layers(model)
+    nf4 = {id(layer.qweight.packed) for layer in layers.values()}  # counted below, as weights
+    for p in model.parameters():
+        if id(p) in nf4:
+            continue
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit weights a byte of quant_storage
+            n = n * 2 * p.element_size()
+            qs = getattr(p, "quant_state", None)
+            if qs is not None:
+                nbytes += qs.absmax.numel() * qs.absmax.element_size()
+        total += n
+        nbytes += p.numel() * p.element_size()
+        if p.requires_grad:
+            trainable += n
+    for layer in layers.values():
+        total += layer.in_features * layer.out_features
+        nbytes += layer.qweight.nbytes()
+    return ModelSummary(trainable, total, nbytes, len(layers))
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print the summary line, as PEFT's `print_trainable_parameters` does."""
+    print(summary(model))
+
+
+__all__ = [
+    "ModelSummary",
+    "from_bnb_model",
+    "load_model",
+    "load_peft_adapter",
+    "print_trainable_parameters",
+    "save_model",
+    "save_peft_adapter",
+    "summary",
+    "to_bnb_model",
+]
