@@ -411,9 +411,10 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
     seen = set()
     for key, t in state_dict.items():
         name = key[len(prefix):] if key.startswith(prefix) else key
-        name = name.replace(".default.", ".")  # PEFT's in-memory names carry the adapter name
         layer_name, _, which = name.rpartition(".lora_")
         which = "lora_" + which
+        # PEFT's in-memory names carry the adapter name right after the factor: lora_A.default.weight
+        which = which.replace("lora_A.default.", "lora_A.").replace("lora_B.default.", "lora_B.")
         layer = layers.get(layer_name)
         if layer is None or which not in ("lora_A.weight", "lora_B.weight"):
             problems.append(f"{key}: no QLoRALinear layer or LoRA factor of that name")
