@@ -1,4 +1,4 @@
-"""Suite `forward`: QLoRALinear inference (torch.no_grad) against dense bf16, bitsandbytes and PEFT.
+"""Suite `forward`: QLoRALinear inference (torch.no_grad) against dense bf16, bitsandbytes, PEFT and torchao.
 
 One layer y = x . deq(W)^T + scaling * (x . A^T) . B^T at rank 16 (lora_alpha 32, scaling 2),
 bf16 compute, fp32 LoRA factors with a non-zero random B (a kernel that drops the LoRA term fails
@@ -8,15 +8,21 @@ the check). Every implementation is first checked against the fp32 reference
 Rows per (shape, M): ours per usable backend with the route `explain` reports (on the CPU also
 each route forced), "bf16 F.linear + LoRA" (the unquantized baseline: the same dequantized weight
 held dense in bf16), "bf16 F.linear" (no LoRA), bitsandbytes (gemv_4bit at M=1, dequantize_4bit +
-F.linear above; both + the same LoRA term) and PEFT's LoRA on a bitsandbytes Linear4bit. GB/s counts
-the weight bytes each implementation reads once per call (NF4: packed + scales; dense: 2 bytes).
-On CUDA, M=1 is also timed with the layer captured in a CUDA graph (device time without launch cost).
+F.linear above; both + the same LoRA term), PEFT's LoRA on a bitsandbytes Linear4bit, and torchao's
+NF4 (`linear_nf4` on a `to_nf4` weight, block 64, scaler block 256, + the same LoRA term) eager and
+under torch.compile. On CUDA, M=1 is also timed with the layer captured in a CUDA graph (device
+time without launch cost).
+
+Roofline figures count what a call must move at least: the weight once (NF4: packed + absmax +
+nested scales; dense: 2 bytes an element), x and the output (bf16), and the fp32 LoRA factors
+where the row computes the LoRA term; FLOPs are 2 M out in, plus 2 M r (in + out) for LoRA.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -24,31 +30,25 @@ import torch.nn.functional as F
 import lora_kernels
 from lora_kernels import reference
 
-from .harness import Row, summarize, time_fn
+from .harness import Row, advance, expect, log_row, summarize, time_fn
 from .quant import _backends
+from .shapes import layer_cases
 
 SUITE = "forward"
 RANK, ALPHA = 16, 32  # scaling = ALPHA / RANK = 2, PEFT's default ratio in QLoRA recipes
-CPU_SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in)
 CPU_MS, CPU_MS_QUICK = (1, 16, 64), (1, 64)
-# (out, in) of Llama-3's projections: q/o, k/v, gate/up, down.
-GPU_SHAPES = [
-    ("Llama-3-8B", (4096, 4096)), ("Llama-3-8B", (1024, 4096)), ("Llama-3-8B", (14336, 4096)),
-    ("Llama-3-8B", (4096, 14336)),
-    ("Llama-3-70B", (8192, 8192)), ("Llama-3-70B", (1024, 8192)), ("Llama-3-70B", (28672, 8192)),
-    ("Llama-3-70B", (8192, 28672)),
-]
-GPU_QUICK_SHAPES = [("Llama-3-8B", (4096, 4096)), ("Llama-3-70B", (28672, 8192))]
-GPU_MS, GPU_MS_QUICK = (1, 16, 64, 256, 1024, 4096), (1, 16, 4096)
+# Tokens a call: decode (1-16), small batches, prefill and training-size chunks.
+GPU_MS, GPU_MS_QUICK = (1, 4, 16, 64, 256, 1024, 4096, 8192), (1, 16, 4096)
 # bf16 output: each value is rounded once (relative 2^-9), the fp32-accumulated sums differ from the
 # fp32 reference by order-of-summation only, and bitsandbytes' CPU kernel rounds its block scales
 # to bf16 (another 2^-9 relative). 2% of the output's magnitude covers all of these with margin;
 # a wrong layout, a wrong scale or a dropped LoRA term errs by tens of percent.
 REL_TOL = 2e-2
 
-BF16_LORA, BF16, BNB_GEMV, BNB_DEQ, PEFT = (
+BF16_LORA, BF16, BNB_GEMV, BNB_DEQ, PEFT, TORCHAO, TORCHAO_COMPILED = (
     "bf16 F.linear + LoRA", "bf16 F.linear", "bitsandbytes gemv_4bit + LoRA",
     "bitsandbytes dequantize_4bit + F.linear + LoRA", "PEFT LoRA on bnb Linear4bit",
+    "torchao linear_nf4 + LoRA", "torchao linear_nf4 + LoRA, torch.compile",
 )
 
 
@@ -65,10 +65,10 @@ def mismatch(got: torch.Tensor, ref: torch.Tensor, what: str = "output") -> str:
     return "" if err <= tol else f"{what}: max abs error {err:.3g} > {tol:.3g} ({REL_TOL:g} x max |ref|)"
 
 
-def measure(rows, log, device, budget, case, impl, fn, check, *, ours, note="", nbytes=None, warmup=2,
-            suite=SUITE):
+def measure(rows, log, device, budget, case, impl, fn, check, *, ours, note="", nbytes=None, flops=None,
+            warmup=2, suite=SUITE, extra=None):
     """Run fn once, check it (check(result) -> '' or the problem), then time it. Appends and returns
-    the Row, or None for a peer that could not run (a printed line says why)."""
+    the Row (with `extra` in row.extra), or None for a peer that could not run (a printed line says why)."""
     try:
         problem = check(fn())
     except Exception as exc:  # ours failing is a wrong row; a peer failing is a printed skip
@@ -77,27 +77,41 @@ def measure(rows, log, device, budget, case, impl, fn, check, *, ours, note="", 
             return None
         problem = f"raised {type(exc).__name__}: {exc}"
     if problem:
-        row = Row(suite, case, impl, correct=False, note=f"WRONG: {problem}")
+        row = Row(suite, case, impl, correct=False, note=f"WRONG: {problem}", extra=dict(extra or {}))
         rows.append(row)
         log(f"{impl} on {case} is WRONG ({problem}); not timed")
         return row
-    row = summarize(Row(suite, case, impl, correct=True, note=note), time_fn(fn, device, budget, warmup=warmup), nbytes)
+    row = summarize(Row(suite, case, impl, correct=True, note=note, extra=dict(extra or {})),
+                    time_fn(fn, device, budget, warmup=warmup), nbytes, flops)
     rows.append(row)
-    gb = f"{row.gbps:7.1f} GB/s" if row.gbps else ""
-    log(f"{case:30s} {impl:48s} {row.ms:9.3f} ms {gb}")
+    log_row(log, row)
     return row
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """'4096x4096,11008x4096' -> [(4096, 4096), (11008, 4096)], each (out, in)."""
-    shapes = []
-    for item in filter(None, text.split(",")):
+def nf4_nbytes(n: int) -> int:
+    """Bytes of an NF4 weight of n elements, block 64, double quant: packed + uint8 absmax codes +
+    fp32 nested scales (one per 256 blocks)."""
+    return n // 2 + n // 64 + 4 * (n // 64 // 256)
+
+
+def torchao_nf4():
+    """(to_nf4, linear_nf4) from the installed torchao; raises ImportError saying what is missing.
+    torchao 0.18 keeps them in quantization/quantize_/workflows/nf4 (to_nf4 is also exported from
+    torchao.quantization); releases before 0.15 had torchao.dtypes.nf4tensor."""
+    import torchao
+
+    for module in ("torchao.quantization.quantize_.workflows.nf4.nf4_tensor", "torchao.dtypes.nf4tensor"):
         try:
-            out_f, in_f = (int(v) for v in item.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"a shape is OUTxIN, e.g. 4096x4096; got {item!r}") from None
-        shapes.append((out_f, in_f))
-    return shapes
+            mod = __import__(module, fromlist=["to_nf4", "linear_nf4"])
+            return mod.to_nf4, mod.linear_nf4
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"torchao {torchao.__version__} has no to_nf4 / linear_nf4 where this bench looks")
+
+
+def _torchao_qlora(x, weight, lora_A, lora_B, scaling, linear_nf4):
+    """torchtune's QLoRA forward: torchao's NF4 linear plus the LoRA branch."""
+    return linear_nf4(x, weight) + lora_term(x, lora_A, lora_B, scaling)
 
 
 def make_problem(device, out_f, in_f, rank, seed=0):
@@ -197,17 +211,14 @@ class _Bnb:
 
 
 # ---- the suite ----------------------------------------------------------------------------------
-def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes=None, rank: int = RANK
-        ) -> tuple[list[Row], list[dict]]:
+def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes=None, rank: int = RANK,
+        rows: list[Row] | None = None) -> tuple[list[Row], list[dict]]:
+    """Rows go into `rows` when given (the caller keeps a stopped run's rows)."""
     on_gpu = device.type == "cuda"
-    if shapes:
-        cases = [("", s) for s in shapes]
-    elif on_gpu:
-        cases = GPU_QUICK_SHAPES if quick else GPU_SHAPES
-    else:
-        cases = [("", s) for s in CPU_SHAPES[: 1 if quick else None]]
+    cases = layer_cases(on_gpu, quick, shapes)
     ms_list = (GPU_MS_QUICK if quick else GPU_MS) if on_gpu else (CPU_MS_QUICK if quick else CPU_MS)
     budget = (0.1 if quick else 0.25) if on_gpu else (0.3 if quick else 1.0)
+    expect(log, len(cases) * len(ms_list))
     ours, missing = _backends(device, wanted)
     for line in missing:
         log(line)
@@ -216,8 +227,15 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
     except Exception as exc:  # a missing peer is a printed line, never a silent gap
         bnbF = None
         log(f"bitsandbytes skipped: {type(exc).__name__}: {exc}")
+    # torch.compile on torchao's tensor subclass warns once about its AOT cache key: not ours to fix.
+    warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+    try:
+        to_nf4, linear_nf4 = torchao_nf4()
+    except Exception as exc:
+        to_nf4 = linear_nf4 = None
+        log(f"{TORCHAO} and its torch.compile row skipped: {type(exc).__name__}: {exc}")
     scaling = ALPHA / RANK
-    rows, goals = [], []
+    rows, goals = ([] if rows is None else rows), []
     with torch.no_grad():
         for model_name, (out_f, in_f) in cases:
             shape = f"{out_f}x{in_f}"
@@ -241,21 +259,35 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
             peft_layer = build_peft(w, lora_A, lora_B, rank, log, shape)
             if peft_layer is not None:
                 peft_layer.eval()
+            tao_weight = tao_compiled = tao_deq32 = None
+            if to_nf4 is not None:
+                try:
+                    tao_weight = to_nf4(w, 64, 256)
+                    tao_deq32 = tao_weight.to(torch.bfloat16).float()
+                    torch._dynamo.reset()  # a fresh compile a shape: no recompile limit across shapes
+                    tao_compiled = torch.compile(_torchao_qlora)
+                except Exception as exc:
+                    log(f"{TORCHAO} skipped on {shape}: to_nf4 failed: {type(exc).__name__}: {exc}")
             del w
             n = out_f * in_f
-            nf4_bytes = n // 2 + n // 64 + 4 * (n // 64 // 256)
+            nf4_bytes, lora_bytes = nf4_nbytes(n), 4 * rank * (in_f + out_f)
             for M in ms_list:
                 x, ref = xs[M], refs[M]
                 ref_base = F.linear(x.float(), w_deq32)
                 case = f"forward {(model_name + ' ') if model_name else ''}{shape} M={M}"
                 check = lambda y: mismatch(y, ref)  # noqa: E731
+                io_bytes = 2 * M * (in_f + out_f)
+                flops, lora_flops = 2 * M * n, 2 * M * rank * (in_f + out_f)
+                # Every row of this case: which shape and M (for the plots), and its roofline costs.
+                nf4_cost = dict(nbytes=nf4_bytes + io_bytes + lora_bytes, flops=flops + lora_flops,
+                                extra=dict(model=model_name, shape=shape, M=M))
                 by_impl = {}
                 for backend in ours:
                     lora_kernels.set_backend(backend)
                     try:
                         plan = lora_kernels.explain(device, M, in_f)
                         r = measure(rows, log, device, budget, case, f"ours:{backend}", lambda: layer(x), check,
-                                    ours=True, note=f"route {plan['route']}", nbytes=nf4_bytes)
+                                    ours=True, note=f"route {plan['route']}", **nf4_cost)
                         by_impl[f"ours:{backend}"] = r
                         r.extra["why"] = plan["why"]
                         if device.type == "cpu" and backend == "cpu":
@@ -264,20 +296,22 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
                                 try:
                                     by_impl[f"ours:cpu/{route}"] = measure(
                                         rows, log, device, budget, case, f"ours:cpu/{route}", lambda: layer(x),
-                                        check, ours=True, note=f"route {route} forced", nbytes=nf4_bytes)
+                                        check, ours=True, note=f"route {route} forced", **nf4_cost)
                                 finally:
                                     lora_kernels.set_route(None)
                         if on_gpu and M == 1 and backend in ("cuda", "triton"):
                             by_impl[f"ours:{backend} graph"] = _cuda_graph_row(
-                                rows, log, device, budget, case, backend, layer, x, ref, nf4_bytes)
+                                rows, log, device, budget, case, backend, layer, x, ref, nf4_cost)
                     finally:
                         lora_kernels.set_backend(None)
                 by_impl[BF16_LORA] = measure(
                     rows, log, device, budget, case, BF16_LORA,
                     lambda: F.linear(x, w_deq) + lora_term(x, lora_A, lora_B, scaling), check, ours=False,
-                    note="unquantized baseline", nbytes=2 * n)
+                    note="unquantized baseline", nbytes=2 * n + io_bytes + lora_bytes, flops=flops + lora_flops,
+                    extra=nf4_cost["extra"])
                 by_impl[BF16] = measure(rows, log, device, budget, case, BF16, lambda: F.linear(x, w_deq),
-                                        lambda y: mismatch(y, ref_base), ours=False, note="no LoRA", nbytes=2 * n)
+                                        lambda y: mismatch(y, ref_base), ours=False, note="no LoRA",
+                                        nbytes=2 * n + io_bytes, flops=flops, extra=nf4_cost["extra"])
                 if bnb is not None:
                     # bitsandbytes' CPU-layout kernel takes any M (Linear4bit uses it at every M at
                     # eval); its standard gemv_4bit is for one row.
@@ -285,25 +319,42 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
                         by_impl[BNB_GEMV] = measure(
                             rows, log, device, budget, case, BNB_GEMV,
                             lambda: bnb.gemv(x) + lora_term(x, lora_A, lora_B, scaling), check, ours=False,
-                            note=bnb.gemv_note, nbytes=nf4_bytes, warmup=3)
+                            note=bnb.gemv_note, warmup=3, **nf4_cost)
                     if M > 1:
                         by_impl[BNB_DEQ] = measure(
                             rows, log, device, budget, case, BNB_DEQ,
                             lambda: bnb.dequant_linear(x) + lora_term(x, lora_A, lora_B, scaling), check, ours=False,
-                            nbytes=nf4_bytes, warmup=3)
+                            warmup=3, **nf4_cost)
                 if peft_layer is not None:
                     by_impl[PEFT] = measure(rows, log, device, budget, case, PEFT, lambda: peft_layer(x), check,
-                                            ours=False, nbytes=nf4_bytes, warmup=3)
+                                            ours=False, warmup=3, **nf4_cost)
+                if tao_weight is not None:
+                    # torchao's own NF4 format: the same codebook and block 64, but its block scales
+                    # are int8-quantized per 256 blocks (not bitsandbytes' dynamic map), which moves
+                    # the output by about 2% of its magnitude; it is checked against the fp32
+                    # reference on its own dequantized weight, so the check tests its kernel.
+                    tao_ref = reference.qlora_linear(x.float(), tao_deq32, lora_A, lora_B, scaling)
+                    tao_check = lambda y: mismatch(y, tao_ref)  # noqa: E731
+                    by_impl[TORCHAO] = measure(
+                        rows, log, device, budget, case, TORCHAO,
+                        lambda: _torchao_qlora(x, tao_weight, lora_A, lora_B, scaling, linear_nf4), tao_check,
+                        ours=False, note="eager; torchao's NF4 format", warmup=1, **nf4_cost)
+                    by_impl[TORCHAO_COMPILED] = measure(
+                        rows, log, device, budget, case, TORCHAO_COMPILED,
+                        lambda: tao_compiled(x, tao_weight, lora_A, lora_B, scaling, linear_nf4), tao_check,
+                        ours=False, note="torch.compile default mode; torchao's NF4 format", warmup=1, **nf4_cost)
                 _speedups(by_impl)
                 goals += _goals(device, case, M, by_impl, ours)
-            del layer, bnb, peft_layer, xs, refs
+                advance(log, case)
+            del layer, bnb, peft_layer, xs, refs, tao_weight, tao_compiled, tao_deq32
     return rows, goals
 
 
-def _cuda_graph_row(rows, log, device, budget, case, backend, layer, x, ref, nbytes):
+def _cuda_graph_row(rows, log, device, budget, case, backend, layer, x, ref, cost):
     """The M=1 step captured in a CUDA graph: its replay time is the device time without launch
-    cost. Row extra: eager_call_ms, the host wall time of one eager call (back-to-back, synced at the end)."""
-    impl = f"ours:{backend}"
+    cost. Its impl is "ours:<backend> graph" (one row per suite, case and impl, for --compare).
+    Row extra: eager_call_ms, the host wall time of one eager call (back-to-back, synced at the end)."""
+    impl = f"ours:{backend} graph"
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -316,7 +367,8 @@ def _cuda_graph_row(rows, log, device, budget, case, backend, layer, x, ref, nby
             static_y = layer(x)
     except Exception as exc:
         log(f"{impl} cuda graph capture failed on {case}: {type(exc).__name__}: {exc}")
-        row = Row(SUITE, case, impl, note=f"cuda graph capture failed: {type(exc).__name__}")
+        row = Row(SUITE, case, impl, note=f"cuda graph capture failed: {type(exc).__name__}",
+                  extra=dict(cost["extra"]))
         rows.append(row)
         return row
 
@@ -325,7 +377,7 @@ def _cuda_graph_row(rows, log, device, budget, case, backend, layer, x, ref, nby
         return static_y
 
     row = measure(rows, log, device, budget, case, impl, replay, lambda y: mismatch(y, ref), ours=True,
-                  note="cuda graph", nbytes=nbytes)
+                  note="cuda graph", **cost)
     if row.ms is not None:
         torch.cuda.synchronize()
         n = 200

@@ -7,7 +7,7 @@ import torch
 import lora_kernels
 from lora_kernels import reference
 
-from .harness import Row, summarize, time_fn
+from .harness import Row, advance, device_peaks, expect, log_row, summarize, time_fn
 
 CPU_SHAPES = [(4096, 4096), (11008, 4096)]
 GPU_SHAPES = [(4096, 4096), (8192, 28672)]
@@ -32,9 +32,12 @@ def _same(q, ref: dict) -> str:
     return ""
 
 
-def run(device: torch.device, quick: bool, wanted: list[str] | None, log) -> tuple[list[Row], list[dict]]:
+def run(device: torch.device, quick: bool, wanted: list[str] | None, log, rows: list[Row] | None = None
+        ) -> tuple[list[Row], list[dict]]:
+    """Rows go into `rows` when given (the caller keeps a stopped run's rows)."""
     shapes = (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[: 1 if quick else None]
     budget = 0.3 if quick else 1.0
+    expect(log, len(shapes))
     ours, missing = _backends(device, wanted)
     for line in missing:
         log(line)
@@ -43,7 +46,7 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log) -> tup
     except Exception as exc:  # a missing peer is a printed line, never a silent gap
         bnbF = None
         log(f"bitsandbytes skipped: {type(exc).__name__}: {exc}")
-    rows, goals = [], []
+    rows, goals = ([] if rows is None else rows), []
     for shape in shapes:
         g = torch.Generator().manual_seed(0)
         w = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16).to(device)
@@ -72,7 +75,7 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log) -> tup
                                     time_fn(fn, device, budget), quant_bytes)
                     rows.append(row)
                     times[(op, backend)] = row.ms
-                    log(f"{row.case:34s} {row.impl:14s} {row.ms:9.2f} ms {row.gbps:7.1f} GB/s")
+                    log_row(log, row)
             finally:
                 lora_kernels.set_backend(None)
         if bnbF is not None:
@@ -87,8 +90,9 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log) -> tup
                                 time_fn(fn, device, budget), quant_bytes)
                 rows.append(row)
                 times[(op, "bnb")] = row.ms
-                log(f"{row.case:34s} {row.impl:14s} {row.ms:9.2f} ms {row.gbps:7.1f} GB/s")
+                log_row(log, row)
         goals += _goals(device, name, times, quant_bytes)
+        advance(log, f"quant {name}")
     return rows, goals
 
 
@@ -104,9 +108,7 @@ def _goals(device, name, times, nbytes) -> list[dict]:
                 goals.append(dict(goal=f"CPU {op} {name} >= {factor:g}x bitsandbytes", met=speedup >= factor,
                                   figure=f"{speedup:.2f}x ({mine:.2f} ms vs {theirs:.2f} ms)"))
     else:
-        from .harness import copy_bandwidth_gbps
-
-        copy = copy_bandwidth_gbps(device)
+        copy = device_peaks(device)["peak_copy_gbps"]
         for op in ("quantize", "dequantize"):
             mine, theirs = times.get((op, ours)), times.get((op, "bnb"))
             if mine:

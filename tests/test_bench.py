@@ -1,6 +1,10 @@
-"""The benchmark harness, run quickly on the CPU: it writes valid results, and refuses to time a
-kernel that returns wrong results. No timing is asserted."""
+"""The benchmark harness, run quickly on the CPU: it writes valid results (JSON, Markdown, PNG
+plots), refuses to time a kernel that returns wrong results, and compares two runs. No timing is
+asserted."""
 
+import contextlib
+import dataclasses
+import io
 import json
 
 import pytest
@@ -8,32 +12,80 @@ import torch
 
 import lora_kernels
 from bench import __main__ as bench_main
-from bench import harness
+from bench import harness, report
+from bench.shapes import SHAPE_SETS, parse_shapes
+
+ROW_FIELDS = {f.name for f in dataclasses.fields(harness.Row)}
+
+
+def _ours_usable():
+    return ["torch"] + (["cpu"] if lora_kernels.backends()["cpu"].usable else [])
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """One `python -m bench --quick` of every suite: (exit code, the JSON, the output folder, stdout)."""
     out = tmp_path_factory.mktemp("bench")
-    rc = bench_main.main(["--quick", "--suite", "quant", "--device", "cpu", "--out", str(out)])
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = bench_main.main(["--quick", "--suite", "all", "--device", "cpu", "--out", str(out)])
     (path,) = out.glob("*.json")
-    return rc, json.loads(path.read_text()), out
+    return rc, json.loads(path.read_text()), out, stdout.getvalue()
 
 
 def test_quick_run_writes_every_field(quick_run):
-    rc, result, out = quick_run
+    rc, result, out, _ = quick_run
     assert rc == 0
     env = result["environment"]
-    for key in ("date", "commit", "torch", "cpu", "device", "bitsandbytes", "lora_kernels"):
+    for key in ("date", "commit", "torch", "cpu", "device", "bitsandbytes", "peft", "torchao", "lora_kernels",
+                "peak_matmul"):
         assert env[key], key
+    assert env["peak_copy_gbps"] > 0 and env["peak_matmul_tflops"] > 0
     rows = result["rows"]
+    assert {r["suite"] for r in rows} == {"quant", "forward", "train"}  # memory: CUDA only
+    for r in rows:
+        assert set(r) == ROW_FIELDS, r["impl"]
+        if r["ms"] is None:
+            continue
+        assert r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] and r["gbps"] > 0, (r["case"], r["impl"])
+        assert r["extra"]["bw_frac"] > 0
+        if r["suite"] in ("forward", "train"):
+            assert r["tflops"] > 0 and r["extra"]["flop_frac"] > 0, (r["case"], r["impl"])
+            assert r["extra"]["M"] > 0 and r["extra"]["shape"]
     impls = {r["impl"] for r in rows}
     assert "ours:torch" in impls
     if lora_kernels.backends()["cpu"].usable:
         assert "ours:cpu" in impls
-    for r in rows:
-        assert r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] and r["gbps"] > 0
     assert any("bitsandbytes" in v for v in result["verdicts"]) or "bitsandbytes" not in impls
-    assert list(out.glob("*.md"))
+
+
+def test_quick_run_writes_markdown_and_plots(quick_run):
+    _, result, out, stdout = quick_run
+    (md,) = out.glob("*.md")
+    text = md.read_text()
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name.rsplit("-", 1)[1] for p in pngs] == ["roofline.png", "speedup.png"]
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert f"![{png.name}]({png.name})" in text
+        assert png.name.startswith(md.stem)
+    assert "TFLOP/s" in text and "## Goals" in text
+    for v in result["verdicts"]:
+        assert v in text and v in stdout
+
+
+def test_quick_run_prints_the_memory_skip(quick_run):
+    _, _, _, stdout = quick_run
+    assert "memory suite skipped" in stdout and "CUDA only" in stdout
+
+
+def test_peers_are_rows_or_printed_skips(quick_run):
+    _, result, _, stdout = quick_run
+    impls = {r["impl"] for r in result["rows"] if r["suite"] == "forward"}
+    for peer in ("torchao linear_nf4 + LoRA", "torchao linear_nf4 + LoRA, torch.compile",
+                 "PEFT LoRA on bnb Linear4bit"):
+        skipped = [ln for ln in stdout.splitlines() if "skipped" in ln and peer.split(",")[0] in ln]
+        assert peer in impls or skipped, peer
 
 
 def test_wrong_kernel_is_reported_not_timed(monkeypatch):
@@ -53,27 +105,14 @@ def test_wrong_kernel_is_reported_not_timed(monkeypatch):
 
 
 def test_markdown_table_marks_untimed_rows():
-    table = harness.markdown_table([harness.Row("quant", "case", "ours:x", note="WRONG: packed differs")])
-    assert "| case | ours:x | - | - | - | WRONG: packed differs |" in table
+    table = report.markdown_table([harness.Row("quant", "case", "ours:x", note="WRONG: packed differs")])
+    assert "| case | ours:x | - | - | - | - | - | - | WRONG: packed differs |" in table
 
 
 # ---- the forward and train suites ---------------------------------------------------------------
-def _ours_usable():
-    return ["torch"] + (["cpu"] if lora_kernels.backends()["cpu"].usable else [])
-
-
-@pytest.fixture(scope="module")
-def forward_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_forward")
-    rc = bench_main.main(["--quick", "--suite", "forward", "--device", "cpu", "--out", str(out)])
-    (path,) = out.glob("*.json")
-    return rc, json.loads(path.read_text())
-
-
-def test_forward_quick_run_checks_and_times_ours(forward_run):
-    rc, result = forward_run
-    rows = result["rows"]
-    assert {r["suite"] for r in rows} == {"forward"}
+def test_forward_quick_run_checks_and_times_ours(quick_run):
+    rc, result, _, _ = quick_run
+    rows = [r for r in result["rows"] if r["suite"] == "forward"]
     for M in (1, 64):
         case = [r for r in rows if r["case"] == f"forward 4096x4096 M={M}"]
         impls = {r["impl"]: r for r in case}
@@ -81,6 +120,7 @@ def test_forward_quick_run_checks_and_times_ours(forward_run):
             assert impls[name]["correct"] is True and impls[name]["ms"] > 0, name
         if "ours:cpu" in impls:
             assert impls["ours:cpu"]["note"].startswith("route ")
+            assert impls["ours:cpu"]["extra"]["speedup_vs_bf16_lora"] > 0
             for route in ("fused", "dequant_gemm"):
                 assert impls[f"ours:cpu/{route}"]["correct"] is True and impls[f"ours:cpu/{route}"]["ms"] > 0
     assert rc == 0
@@ -100,38 +140,36 @@ def broken_matmul(monkeypatch):
     monkeypatch.setattr(lora_kernels.ops, "nf4_matmul", broken)
 
 
-def test_forward_wrong_kernel_is_reported_not_timed(broken_matmul):
+def test_forward_wrong_kernel_is_reported_not_timed(broken_matmul, monkeypatch):
     from bench import forward
 
-    rows, goals = forward.run(torch.device("cpu"), True, _ours_usable(), lambda line: None, shapes=[(256, 256)])
+    def no_torchao():  # the peers are not under test here; torch.compile would cost seconds
+        raise ImportError("left out by the test")
+
+    monkeypatch.setattr(forward, "torchao_nf4", no_torchao)
+    lines = []
+    rows, goals = forward.run(torch.device("cpu"), True, _ours_usable(), lines.append, shapes=[(256, 256)])
     ours = [r for r in rows if r.impl.startswith("ours")]
     assert ours and all(r.correct is False and r.ms is None and "WRONG" in r.note for r in ours)
     dense = [r for r in rows if r.impl.startswith("bf16")]
     assert dense and all(r.correct is True and r.ms > 0 for r in dense)  # the peers are unaffected
     assert not goals  # no verdict from an untimed kernel
+    assert any("torchao" in line and "skipped" in line and "left out by the test" in line for line in lines)
 
 
-@pytest.fixture(scope="module")
-def train_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_train")
-    rc = bench_main.main(["--quick", "--suite", "train", "--device", "cpu", "--out", str(out)])
-    (path,) = out.glob("*.json")
-    return rc, json.loads(path.read_text())
-
-
-def test_train_quick_run_checks_gradients_and_times(train_run):
-    _, result = train_run
+def test_train_quick_run_checks_gradients_and_times(quick_run):
+    _, result, _, _ = quick_run
     impls = {r["impl"]: r for r in result["rows"] if r["case"] == "train 1024x1024 M=64"}
     for name in ("ours:torch", "bf16 nn.Linear + LoRA"):
         assert impls[name]["correct"] is True and impls[name]["ms"] > 0, name
-    assert not result["verdicts"]  # the train goals are GPU goals
+    assert not [v for v in result["verdicts"] if "train" in v]  # the train goals are GPU goals
 
 
-def test_train_quick_run_ours_cpu_is_correct(train_run):
+def test_train_quick_run_ours_cpu_is_correct(quick_run):
     if not lora_kernels.backends()["cpu"].usable:
         pytest.skip("the C++ extension is not built")
-    rc, result = train_run
-    (row,) = [r for r in result["rows"] if r["impl"] == "ours:cpu"]
+    rc, result, _, _ = quick_run
+    (row,) = [r for r in result["rows"] if r["impl"] == "ours:cpu" and r["suite"] == "train"]
     assert row["correct"] is True and row["ms"] > 0, row["note"]
     assert rc == 0
 
@@ -144,9 +182,57 @@ def test_train_wrong_kernel_is_reported_not_timed(broken_matmul):
     assert ours and all(r.correct is False and r.ms is None and "WRONG" in r.note for r in ours)
 
 
-def test_shapes_flag_parses_out_x_in():
-    from bench import forward
+def test_memory_suite_has_no_rows_on_cpu():
+    from bench import memory
 
-    assert forward.parse_shapes("4096x4096,11008x4096") == [(4096, 4096), (11008, 4096)]
+    lines = []
+    assert memory.run(torch.device("cpu"), True, None, lines.append) == ([], [])
+    assert lines and "CUDA only" in lines[0]
+
+
+def test_shapes_flag_parses_sets_and_out_x_in():
+    assert parse_shapes("4096x4096,11008x4096") == [("", (4096, 4096)), ("", (11008, 4096))]
+    assert parse_shapes("llama3-8b") == SHAPE_SETS["llama3-8b"]
+    assert parse_shapes("cpu,1024x512") == SHAPE_SETS["cpu"] + [("", (1024, 512))]
+    assert parse_shapes("") == []
     with pytest.raises(ValueError, match="OUTxIN"):
-        forward.parse_shapes("4096")
+        parse_shapes("4096")
+    with pytest.raises(ValueError, match="OUTxIN"):
+        parse_shapes("llama4")
+
+
+# ---- --compare ----------------------------------------------------------------------------------
+def _synthetic_run(path, commit, ms, extra_row=None):
+    env = {"date": "2026-01-01T00:00:00+00:00", "commit": commit, "torch": "2.14.1", "device": f"GPU {commit}",
+           "peak_copy_gbps": 100.0}
+    timed = harness.Row("forward", "forward 4096x4096 M=1", "ours:cpu", ms=ms, p20_ms=ms, p80_ms=ms)
+    rows = [dataclasses.asdict(timed),
+            dataclasses.asdict(harness.Row("memory", "memory 4096x4096 M=8192", "ours:cuda",
+                                           extra={"peak_bytes": 64 * 2**20}))]
+    if extra_row:
+        rows.append(dataclasses.asdict(harness.Row("forward", "forward 4096x4096 M=1", extra_row, ms=1.0)))
+    path.write_text(json.dumps({"environment": env, "rows": rows, "verdicts": []}))
+    return str(path)
+
+
+def test_compare_prints_matched_rows_and_environment(tmp_path, capsys):
+    a = _synthetic_run(tmp_path / "a.json", "aaaaaaa", 2.0)
+    b = _synthetic_run(tmp_path / "b.json", "bbbbbbb", 1.0, extra_row="torchao linear_nf4 + LoRA")
+    assert bench_main.main(["--compare", a, b]) == 0
+    text = capsys.readouterr().out
+    assert "commit" in text and "aaaaaaa" in text and "bbbbbbb" in text and "device" in text
+    assert "same: 2.14.1" in text  # torch
+    assert "2 rows in both runs" in text
+    line = next(ln for ln in text.splitlines() if "ours:cpu" in ln)
+    assert "2.0000 ms" in line and "1.0000 ms" in line and line.rstrip().endswith("0.50")
+    assert any("ours:cuda" in ln and "64 MiB" in ln for ln in text.splitlines())
+    assert "1 rows only in B" in text and "torchao linear_nf4 + LoRA" in text
+
+
+def test_compare_on_a_real_run(quick_run, capsys):
+    _, result, out, _ = quick_run
+    (path,) = out.glob("*.json")
+    assert bench_main.main(["--compare", str(path), str(path)]) == 0
+    text = capsys.readouterr().out
+    assert f"{len(result['rows'])} rows in both runs" in text
+    assert "forward 4096x4096 M=64" in text
