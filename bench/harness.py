@@ -64,6 +64,25 @@ def time_fn(fn, device: torch.device, budget_s: float = 1.0, min_runs: int = 5, 
     return times
 
 
+def time_paired(fns: dict, budget_s: float = 2.0, min_rounds: int = 10, warmup: int = 2) -> dict[str, list[float]]:
+    """CPU: milliseconds per call of each function, the functions called in turn, round after
+    round. On a noisy machine (a shared 2-core VM here) separate timing windows see different
+    noise; interleaved calls see the same, so the ratio of their medians is the fairer comparison."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    start_all = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - start_all < budget_s and rounds < 200):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+        rounds += 1
+    return times
+
+
 def summarize(row: Row, times: list[float], nbytes: int | None = None, flops: int | None = None) -> Row:
     times = sorted(times)
     row.ms = statistics.median(times)
