@@ -83,7 +83,7 @@ def measure(rows, log, device, budget, case, impl, fn, check, *, ours, note="", 
         log(f"{impl} on {case} is WRONG ({problem}); not timed")
         return row
     row = summarize(Row(suite, case, impl, correct=True, note=note, extra=dict(extra or {})),
-                    time_fn(fn, device, budget, warmup=warmup), nbytes, flops)
+                    time_fn(fn, device, budget, warmup=warmup, cold=True), nbytes, flops)
     rows.append(row)
     log_row(log, row)
     return row
@@ -355,7 +355,7 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
                         pair[BNB_GEMV] = lambda: bnb.gemv(x) + lora_term(x, lora_A, lora_B, scaling)
                     lora_kernels.set_backend(mine_backend)
                     try:
-                        paired = {k: statistics.median(v) for k, v in time_paired(pair, 2 * budget).items()}
+                        paired = {k: statistics.median(v) for k, v in time_paired(pair, 2 * budget, cold=True).items()}
                     finally:
                         lora_kernels.set_backend(None)
                     mine_row.extra["paired_ms"] = paired

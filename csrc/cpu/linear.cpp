@@ -31,6 +31,10 @@ namespace {
 
 constexpr int kRowsPerPass = 4;  // rows of x whose accumulators live in registers during one pass
 constexpr int kChunk = 32;       // elements per 16-byte load of packed codes
+#ifndef LK_PREFETCH_BYTES
+#define LK_PREFETCH_BYTES 1024
+#endif
+constexpr int kPrefetchBytes = LK_PREFETCH_BYTES;
 
 inline float block_scale(const BlockScales& s, int64_t b) {
   if (s.absmax != nullptr) return s.absmax[b];
@@ -138,6 +142,9 @@ LK_AVX512BF16 void row_dot_avx512bf16(const uint8_t* bytes, const BlockScales& s
   __m512 acc[R], acc2[R];
   for (int r = 0; r < R; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
   const auto chunk = [&](const __m512i table, int64_t c, __m512* into) LK_AVX512BF16_LAMBDA {
+    // The packed row streams from memory (a real model's weights are never cached): ask for the
+    // bytes kPrefetchBytes ahead, past what the hardware prefetcher covers at this rate.
+    _mm_prefetch(reinterpret_cast<const char*>(bytes + c / 2 + kPrefetchBytes), _MM_HINT_T0);
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2)));
     const __m512i idx =
         _mm512_ternarylogic_epi32(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(b, 16), low_nibble_hi_word, 0xF8);
