@@ -57,8 +57,6 @@ void dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t bl
 // Fused NF4 GEMV / small GEMM: out [M, w.rows] = x [M, w.cols] . deq(W)^T + epilogue, in one pass over
 // the packed bytes (unpack, table lookup, multiply-add in fp32), multi-threaded over output rows.
 // x and out are row-major contiguous in `dtype` (bf16 or fp32). Needs w.cols % w.blocksize == 0.
-// out [nblocks] = the fp32 block scales, decoded from double quantization where it is used.
-void decode_scales(const BlockScales& scales, int64_t nblocks, float* out);
 void nf4_linear_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out);
 }  // namespace cpu
 

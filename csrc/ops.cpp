@@ -228,26 +228,20 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
               "lora_kernels: the fused CPU route needs a forward matmul with in_features a multiple of the "
               "blocksize; got route ", route, ", transpose=", transpose, ", in_features=", cols);
   const auto dtype = x.scalar_type();
-  auto out = at::empty({a.M, a.N}, x.options());
-  if (a.M == 0) return out;
+  if (a.M == 0) return at::empty({a.M, a.N}, x.options());
   if (route == kFused) {
+    auto out = at::empty({a.M, a.N}, x.options());
     cpu::nf4_linear_fused(x.data_ptr(), to_dtype(dtype), a.M, a.w, a.epi, out.data_ptr());
     return out;
   }
-  // Dequantize + GEMM. The scales are decoded once (numel / blocksize floats).
-  const int64_t nblocks = (rows * cols + blocksize - 1) / blocksize;
-  at::Tensor scales = at::empty({nblocks}, x.options().dtype(at::kFloat));
-  cpu::decode_scales(a.w.scales, nblocks, scales.data_ptr<float>());
-  BlockScales plain;
-  plain.absmax = scales.data_ptr<float>();
   // One dequantized copy of W in a scratch buffer that this thread keeps for its next call, then
   // one GEMM (oneDNN: AMX / AVX-512 where the CPU has them). Reusing the buffer matters: faulting
   // in fresh pages cost more than the dequantization itself. Measured here (Xeon, 2 threads),
   // this beat dequantizing tiles into an L2-sized buffer with one GEMM per tile: small GEMMs lose
   // more to oneDNN's per-call packing than the cache saves.
   at::Tensor wt = cpu_scratch(rows * cols, dtype).view({rows, cols});
-  cpu::dequantize_nf4(a.w.packed, plain, blocksize, rows * cols, wt.data_ptr(), to_dtype(dtype));
-  out = transpose ? at::mm(x, wt) : at::mm(x, wt.t());
+  cpu::dequantize_nf4(a.w.packed, a.w.scales, blocksize, rows * cols, wt.data_ptr(), to_dtype(dtype));
+  at::Tensor out = transpose ? at::mm(x, wt) : at::mm(x, wt.t());
   add_epilogue(out, lora_left, lora_right, lora_scaling, bias);
   return out;
 }

@@ -249,12 +249,6 @@ void store_as(void* out, DType dtype, int64_t i, float v) {
 
 }  // namespace
 
-void decode_scales(const BlockScales& scales, int64_t nblocks, float* out) {
-  at::parallel_for(0, nblocks, 1 << 14, [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) out[b] = block_scale(scales, b);
-  });
-}
-
 using RowDotBF16 = void (*)(const uint8_t*, const BlockScales&, int64_t, int64_t, int64_t, const c10::BFloat16*,
                            int64_t, float*);
 
