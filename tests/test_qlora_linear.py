@@ -113,12 +113,13 @@ def test_leading_dims_and_lora_dtype(device, backend_name, backend):
 @pytest.mark.parametrize("route", ["fused", "dequant_gemm"])
 @pytest.mark.parametrize("M", [1, 4, 9, 33])
 def test_cpu_routes(backend, route, M):
-    """Both CPU routes, forced, whatever the table would pick; fp32 and bf16."""
+    """Both CPU routes, forced, whatever the table would pick; fp32, bf16, and fp16 (accepted on the
+    CPU too, though not a CPU compute dtype we recommend)."""
     if not lk.backends()["cpu"].usable:
         pytest.skip("C++ CPU backend not built")
     lk.set_route(route)
     try:
-        for dtype in DTYPES["cpu"]:
+        for dtype in DTYPES["cpu"] + (torch.float16,):
             _compare("cpu", "cpu", backend, M, 80, 256, 8, dtype)
     finally:
         lk.set_route(None)
