@@ -24,6 +24,7 @@
 #include "../kernels.h"
 #include "../nf4.h"
 #include "isa.h"
+#include "scales.h"
 
 namespace lora_kernels {
 namespace cpu {
@@ -36,16 +37,6 @@ constexpr int kChunk = 32;       // elements per 16-byte load of packed codes
 #endif
 constexpr int kPrefetchBytes = LK_PREFETCH_BYTES;
 
-inline float block_scale(const BlockScales& s, int64_t b) {
-  if (s.absmax != nullptr) return s.absmax[b];
-  const float scaled = s.nested_code[s.codes[b]] * s.nested_absmax[b / kNestedBlocksize];
-  return scaled + s.offset[0];
-}
-
-template <typename T>
-float to_float(T v) {
-  return static_cast<float>(v);
-}
 
 float load_as_float(const void* p, DType dtype, int64_t i) {
   switch (dtype) {
@@ -156,10 +147,8 @@ LK_AVX512BF16 void row_dot_avx512bf16(const uint8_t* bytes, const BlockScales& s
   };
   for (int64_t k0 = 0; k0 < K; k0 += blocksize) {
     // fp32(nf4 * scale) rounded to nearest even bf16 (integer rounding: no flush of subnormals)
-    const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(nf4, _mm512_set1_ps(block_scale(s, first_block + k0 / blocksize))));
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    const __m512i table = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(rounded));
+    const __m512 values = _mm512_mul_ps(nf4, _mm512_set1_ps(block_scale(s, first_block + k0 / blocksize)));
+    const __m512i table = _mm512_castsi256_si512(round_to_bf16_16(values));
     if (blocksize == kChunk) {
       chunk(table, k0, (k0 / kChunk) % 2 ? acc2 : acc);
       continue;

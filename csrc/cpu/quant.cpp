@@ -17,6 +17,7 @@
 #include "../kernels.h"
 #include "../nf4.h"
 #include "isa.h"
+#include "scales.h"
 
 namespace lora_kernels {
 namespace cpu {
@@ -122,11 +123,6 @@ __attribute__((target("avx2"))) void quantize_range_avx2(const T* w, int64_t n, 
 }
 #endif
 
-inline float block_scale(const BlockScales& s, int64_t b) {
-  if (s.absmax != nullptr) return s.absmax[b];
-  const float scaled = s.nested_code[s.codes[b]] * s.nested_absmax[b / kNestedBlocksize];
-  return scaled + s.offset[0];
-}
 
 // Scalar dequantize of bytes [first_byte, ...) of one block: a 16-entry table, two lookups a byte.
 template <typename T>
@@ -264,15 +260,6 @@ LK_AVX2 void dequantize_avx2_fp32(const uint8_t* bytes, int64_t len, float scale
 // (zero-extended to a 32-bit lane for 16-bit outputs, a 64-bit lane for fp32), the low half of
 // the lane gets b >> 4 (the first element, bitsandbytes' high nibble) and the high half b & 15.
 #define LK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
-
-// 16 fp32 -> 16 bf16 bit patterns, round to nearest even (finite values), as round_to_bf16; no
-// flush of subnormals (vcvtneps2bf16 would flush them, the spec does not).
-LK_AVX512 inline __m256i round_to_bf16_16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  return _mm512_cvtepi32_epi16(r);
-}
 
 template <typename T>
 LK_AVX512 void dequantize_avx512_16bit(const uint8_t* bytes, int64_t len, float scale, T* dst) {
