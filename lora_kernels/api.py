@@ -110,18 +110,9 @@ def qlora_linear(
         or (bias is not None and bias.requires_grad)
         or (lora_input is not None and lora_input.requires_grad)
     )
-    if wants_grad:
-        y, _ = ops.qlora_linear_op(
-            x2, lora_input, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize,
-            out_features, lora_A, lora_B, float(scaling), bias,
-        )
-    else:
-        branch = x2 if lora_input is None else lora_input
-        xa = (branch.to(lora_A.dtype) @ lora_A.t()).to(lora_A.dtype)  # autocast may have run the mm in bf16
-        y = ops.nf4_matmul(
-            x2, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, out_features,
-            in_features, False, xa, lora_B, float(scaling), bias,
-        )
+    forward = ops.qlora_linear_op if wants_grad else ops.qlora_forward
+    y, _ = forward(x2, lora_input, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize,
+                   out_features, lora_A, lora_B, float(scaling), bias)
     return y.view(*lead, out_features)
 
 

@@ -374,6 +374,19 @@ def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, co
 
 
 # ---- the QLoRA layer with autograd --------------------------------------------------------------
+def qlora_forward(x, lora_input, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features,
+                  lora_A, lora_B, scaling, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's forward, without autograd (see qlora_linear_op for the arguments): the op's
+    kernel, and what api.qlora_linear calls directly when no gradient is wanted."""
+    branch = x if lora_input is None else lora_input
+    xa = (branch.to(lora_A.dtype) @ lora_A.t()).to(lora_A.dtype)  # .to(): autocast may have run the mm in bf16
+    y = nf4_matmul(
+        x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, x.shape[1], False,
+        xa, lora_B, scaling, bias,
+    )
+    return y, xa
+
+
 @torch.library.custom_op("lora_kernels::qlora_linear", mutates_args=())
 def qlora_linear_op(
     x: torch.Tensor,
@@ -392,13 +405,8 @@ def qlora_linear_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, in] contiguous; lora_input: [M, in] (dropout applied) or None for x itself.
     Returns (y [M, out], xa = lora_input . A^T [M, r] in A's dtype, kept for the backward)."""
-    branch = x if lora_input is None else lora_input
-    xa = (branch.to(lora_A.dtype) @ lora_A.t()).to(lora_A.dtype)  # .to(): autocast may have run the mm in bf16
-    y = nf4_matmul(
-        x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, x.shape[1], False,
-        xa, lora_B, scaling, bias,
-    )
-    return y, xa
+    return qlora_forward(x, lora_input, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                         out_features, lora_A, lora_B, scaling, bias)
 
 
 @qlora_linear_op.register_fake

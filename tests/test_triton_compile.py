@@ -3,12 +3,8 @@ interpreter cannot (the GPU code generator's rules) and checks the arithmetic th
 IEEE division (no approximate `div.full`), no flush-to-zero, no fused multiply-add, and
 round-to-nearest conversions. The compile runs in a child process without TRITON_INTERPRET."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from conftest import compile_triton_for_gpu
 
 pytest.importorskip("triton")
 
@@ -44,15 +40,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"ARCHS = {ARCHS!r}\nDTYPES = {list(DTYPES)!r}\nBLOCKSIZES = {BLOCKSIZES!r}\n" + _SCRIPT
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    if run.returncode != 0:
-        if "ptxas" in run.stderr or "GPUTarget" in run.stderr:
-            pytest.skip(f"cannot compile Triton for a GPU here: {run.stderr.strip().splitlines()[-1]}")
-        raise AssertionError(run.stderr)
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return compile_triton_for_gpu(f"ARCHS = {ARCHS!r}\nDTYPES = {list(DTYPES)!r}\nBLOCKSIZES = {BLOCKSIZES!r}\n" + _SCRIPT)
 
 
 def _clean(ops):

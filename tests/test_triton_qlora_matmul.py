@@ -8,13 +8,9 @@ Under the interpreter each program is about 1 ms per K step, and the interpreter
 16 x 32 x 32: the largest case here (M = 17, 130 x 70) is 2 x 5 = 10 programs of 5 K steps.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import compile_triton_for_gpu
 
 pytest.importorskip("triton")
 
@@ -182,16 +178,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"ARCHS = {ARCHS!r}\n" + _SCRIPT
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    if run.returncode != 0:
-        if "ptxas" in run.stderr or "GPUTarget" in run.stderr:
-            pytest.skip(f"cannot compile Triton for a GPU here: {run.stderr.strip().splitlines()[-1]}")
-        raise AssertionError(run.stderr)
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return compile_triton_for_gpu(f"ARCHS = {ARCHS!r}\n" + _SCRIPT)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
