@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import lora_kernels
 from lora_kernels import reference
 
-from .harness import Row, advance, expect, log_row, summarize, time_fn, time_paired
+from .harness import bitsandbytes_functional, Row, advance, expect, log_row, summarize, time_fn, time_paired
 from .quant import _backends
 from .shapes import layer_cases
 
@@ -223,11 +223,7 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
     ours, missing = _backends(device, wanted)
     for line in missing:
         log(line)
-    try:
-        import bitsandbytes.functional as bnbF
-    except Exception as exc:  # a missing peer is a printed line, never a silent gap
-        bnbF = None
-        log(f"bitsandbytes skipped: {type(exc).__name__}: {exc}")
+    bnbF = bitsandbytes_functional(log)
     # torch.compile on torchao's tensor subclass warns once about its AOT cache key: not ours to fix.
     warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
     try:

@@ -7,7 +7,7 @@ import torch
 import lora_kernels
 from lora_kernels import reference
 
-from .harness import Row, advance, device_peaks, expect, log_row, summarize, time_fn
+from .harness import bitsandbytes_functional, Row, advance, device_peaks, expect, log_row, summarize, time_fn
 
 CPU_SHAPES = [(4096, 4096), (11008, 4096)]
 GPU_SHAPES = [(4096, 4096), (8192, 28672)]
@@ -41,11 +41,7 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, rows: 
     ours, missing = _backends(device, wanted)
     for line in missing:
         log(line)
-    try:
-        import bitsandbytes.functional as bnbF
-    except Exception as exc:  # a missing peer is a printed line, never a silent gap
-        bnbF = None
-        log(f"bitsandbytes skipped: {type(exc).__name__}: {exc}")
+    bnbF = bitsandbytes_functional(log)
     rows, goals = ([] if rows is None else rows), []
     for shape in shapes:
         g = torch.Generator().manual_seed(0)
