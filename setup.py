@@ -37,7 +37,7 @@ def _extensions():
     if not use_cuda and want_cuda != "0":
         warnings.warn("building lora_kernels without CUDA kernels (no nvcc or a CPU-only torch)")
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/torch_bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -ffp-contract=off: the scale decode rounds twice, as the spec does; no fused multiply-add.
     # -fopenmp: at::parallel_for is an OpenMP loop in a header; without it our kernels run on one thread.
     cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]  # torch picks the C++ standard its headers need

@@ -1,5 +1,5 @@
 // Launch functions of every kernel, on plain pointers. Implemented in cpu/*.cpp and cuda/*.cu;
-// called from the torch glue (ops.cpp, cuda_ops.cpp) after it has validated the inputs.
+// called from the torch glue (torch_bindings.cpp) after it has validated the inputs.
 #pragma once
 
 #include <stdint.h>
@@ -47,9 +47,10 @@ namespace cpu {
 // w: [n] of dtype; packed: [ceil(n / 2)]; absmax: [ceil(n / blocksize)]. A non-finite element
 // makes its block's absmax NaN or Inf, which the caller checks.
 void quantize_nf4(const void* w, DType dtype, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax);
-// Double quantization of the block scales: codes[i] and nested_absmax[i / 256] from absmax[i] - offset,
-// with bitsandbytes' 65536-entry table `lut` (see reference.quantize_blockwise_8bit).
-void quantize_scales_8bit(const float* absmax, int64_t n, float offset, const uint8_t* lut, uint8_t* codes,
+// Double quantization of the block scales: codes[i] into the sorted 8-bit map `code` [256] and
+// nested_absmax[i / 256], from absmax[i] - offset, as bitsandbytes' CPU backend codes them
+// (reference.quantize_blockwise_8bit).
+void quantize_scales_8bit(const float* absmax, int64_t n, float offset, const float* code, uint8_t* codes,
                           float* nested_absmax);
 // out: [n] of dtype.
 void dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, void* out,
@@ -57,7 +58,7 @@ void dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t bl
 // Fused NF4 GEMV / small GEMM: out [M, w.rows] = x [M, w.cols] . deq(W)^T + epilogue, in one pass over
 // the packed bytes (unpack, table lookup, multiply-add in fp32), multi-threaded over output rows.
 // x and out are row-major contiguous in `dtype` (bf16 or fp32). Needs w.cols % w.blocksize == 0.
-void nf4_linear_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out);
+void nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out);
 }  // namespace cpu
 
 namespace cuda {
@@ -67,12 +68,12 @@ int quantize_nf4(const void* w, DType dtype, int64_t n, int64_t blocksize, uint8
                  void* stream);
 int dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, void* out,
                    DType dtype, void* stream);
-// The decode / small-batch kernel: out [M, w.rows] = x [M, w.cols] . deq(W)^T + epilogue, for
+// The fused route, a decode / small-batch kernel: out [M, w.rows] = x [M, w.cols] . deq(W)^T + epilogue, for
 // 1 <= M <= kDecodeMaxRows, reading the packed bytes and the (double-quantized) scales directly: no
 // dequantized weight is written anywhere. x and out row-major contiguous bf16 or fp16; fp32
 // accumulation. Needs w.cols % w.blocksize == 0 and 16-byte aligned packed / x rows (the caller checks).
 constexpr int64_t kDecodeMaxRows = 16;
-int nf4_linear_decode(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out,
+int nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out,
                       void* stream);
 }  // namespace cuda
 

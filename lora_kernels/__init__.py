@@ -14,7 +14,7 @@ from .integrations import (
     to_bnb_model,
 )
 from .nf4 import NF4Weight
-from .ops import backends, explain, get_backend, get_route, set_backend, set_route
+from .routes import backends, explain, get_backend, get_route, set_backend, set_route
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,10 @@
-"""The public quantize / dequantize functions: validate once here, then call the ops."""
+"""The public functions: validate once here, at the boundary, then call the ops (_ops.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from . import ops, reference
+from . import _ops, reference
 from .nf4 import NF4Weight
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -25,12 +25,13 @@ def quantize_nf4(w: torch.Tensor, *, blocksize: int = 64, double_quant: bool = T
     if w.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
     flat = w.contiguous().reshape(-1)
-    packed, absmax = ops.quantize_nf4_op(flat, blocksize)
+    packed, absmax = _ops.quantize_nf4(flat, blocksize)
     if not torch.compiler.is_compiling():
         _check_finite(absmax, blocksize)
     if not double_quant:
         return NF4Weight(packed=packed, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
-    codes, nested_absmax, offset = ops.double_quantize_op(absmax)
+    nested_code = reference.dynamic_map(w.device)
+    codes, nested_absmax, offset = _ops.double_quantize(absmax, nested_code)
     return NF4Weight(
         packed=packed,
         absmax=codes,
@@ -38,7 +39,7 @@ def quantize_nf4(w: torch.Tensor, *, blocksize: int = 64, double_quant: bool = T
         dtype=w.dtype,
         blocksize=blocksize,
         nested_absmax=nested_absmax,
-        nested_code=reference.dynamic_map(w.device),
+        nested_code=nested_code,
         offset=offset,
     )
 
@@ -50,10 +51,7 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     dtype = dtype or q.dtype
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dequantize_nf4 can produce bfloat16, float16 or float32, got {dtype}")
-    flat = ops.dequantize_nf4_op(
-        q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, q.numel, dtype
-    )
-    return flat.view(q.shape)
+    return _ops.dequantize_nf4(q.tensors, q.blocksize, q.numel, dtype).view(q.shape)
 
 
 def _check_finite(absmax: torch.Tensor, blocksize: int) -> None:
@@ -102,7 +100,6 @@ def qlora_linear(
         lora_input = torch.nn.functional.dropout(x2, dropout_p, True)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    q = qweight
     wants_grad = torch.is_grad_enabled() and (
         x.requires_grad
         or lora_A.requires_grad
@@ -110,9 +107,10 @@ def qlora_linear(
         or (bias is not None and bias.requires_grad)
         or (lora_input is not None and lora_input.requires_grad)
     )
-    forward = ops.qlora_linear_op if wants_grad else ops.qlora_forward
-    y, _ = forward(x2, lora_input, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize,
-                   out_features, lora_A, lora_B, float(scaling), bias)
+    # Under torch.compile the op stays one opaque node, and its route is chosen when it runs.
+    forward = _ops.qlora_linear if wants_grad or torch.compiler.is_compiling() else _ops.qlora_forward
+    y, _ = forward(x2, lora_input, qweight.tensors, qweight.blocksize, out_features, lora_A, lora_B,
+                   float(scaling), bias)
     return y.view(*lead, out_features)
 
 

@@ -60,6 +60,12 @@ class NF4Weight:
     def device(self) -> torch.device:
         return self.packed.device
 
+    @property
+    def tensors(self) -> list[torch.Tensor | None]:
+        """The stored tensors as the ops take them (`Tensor?[] weight`, lora_kernels/_ops.py):
+        [packed, absmax, nested_absmax, nested_code, offset], the last three None for fp32 scales."""
+        return [self.packed, self.absmax, self.nested_absmax, self.nested_code, self.offset]
+
     def nbytes(self) -> int:
         """Bytes held, scales included."""
         tensors = [self.packed, self.absmax, self.nested_absmax, self.offset]

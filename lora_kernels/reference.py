@@ -167,11 +167,12 @@ def dequantize_nf4_blocks(
 
 
 def quantize_blockwise_8bit(
-    x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
+    x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE, code: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization with the dynamic map, as bitsandbytes 0.50's CPU backend does it.
 
-    x: fp32 [n]. Returns codes uint8 [n] and absmax fp32 [ceil(n / blocksize)].
+    x: fp32 [n]; code: the sorted 8-bit map fp32 [256] (default: the dynamic map). Returns codes
+    uint8 [n] and absmax fp32 [ceil(n / blocksize)].
     A block of zeros gets absmax 0 and codes 0 (bitsandbytes' choice; code 0 times 0 is 0).
     """
     n = x.numel()
@@ -181,7 +182,8 @@ def quantize_blockwise_8bit(
     normed = (blocks * inverse[:, None]).clamp(-1, 1)
     # Each fp32 step rounded separately: ((v + 1) * 0.5) * 65535 + 0.5, then truncated.
     index = (((normed + 1.0) * 0.5) * float(LUT_SIZE - 1) + 0.5).to(torch.int64)
-    codes = dynamic_map_lut(x.device)[index.clamp(0, LUT_SIZE - 1)]
+    lut = dynamic_map_lut(x.device) if code is None else _dynamic_map_lut(code.float().cpu()).to(x.device)
+    codes = lut[index.clamp(0, LUT_SIZE - 1)]
     codes = torch.where((absmax == 0)[:, None], torch.zeros_like(codes), codes)
     return codes.reshape(-1)[:n], absmax
 
@@ -194,15 +196,17 @@ def dequantize_blockwise_8bit(
     return code_map[codes.long()] * absmax.repeat_interleave(blocksize)[:n]
 
 
-def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def double_quantize(
+    absmax: torch.Tensor, code: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compress block scales: absmax fp32 [nblocks] -> (codes uint8 [nblocks], nested_absmax fp32
-    [ceil(nblocks / 256)], offset fp32 []).
+    [ceil(nblocks / 256)], offset fp32 []), coded with `code` (default: the dynamic map).
 
     offset is torch's own fp32 mean on the tensor's device, as bitsandbytes computes it, so the
     offset is bit-identical with a bitsandbytes checkpoint made on the same device type.
     """
     offset = absmax.mean()
-    codes, nested_absmax = quantize_blockwise_8bit(absmax - offset)
+    codes, nested_absmax = quantize_blockwise_8bit(absmax - offset, code=code)
     return codes, nested_absmax, offset
 
 

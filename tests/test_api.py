@@ -157,11 +157,9 @@ def _op_samples():
     p = lora_kernels.quantize_nf4(w.view(3, 1000), double_quant=False)
     return [
         (torch.ops.lora_kernels.quantize_nf4.default, (w, 64)),
-        (torch.ops.lora_kernels.double_quantize.default, (p.absmax,)),
-        (torch.ops.lora_kernels.dequantize_nf4.default,
-         (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, 64, q.numel, torch.bfloat16)),
-        (torch.ops.lora_kernels.dequantize_nf4.default,
-         (p.packed, p.absmax, None, None, None, 64, p.numel, torch.float32)),
+        (torch.ops.lora_kernels.double_quantize.default, (p.absmax, reference.dynamic_map())),
+        (torch.ops.lora_kernels.dequantize_nf4.default, (q.tensors, 64, q.numel, torch.bfloat16)),
+        (torch.ops.lora_kernels.dequantize_nf4.default, (p.tensors, 64, p.numel, torch.float32)),
     ]
 
 
@@ -177,21 +175,21 @@ def _matmul_samples():
     A = torch.randn(4, 128, requires_grad=True)
     B = torch.randn(48, 4, requires_grad=True)
     bias = torch.randn(48, dtype=torch.bfloat16)
-    fields = (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset)
+    weight = q.tensors
     samples = [
         (torch.ops.lora_kernels.qlora_linear.default,
-         (x.clone().requires_grad_(), None, *fields, 64, 48, A, B, 0.5, bias)),
+         (x.clone().requires_grad_(), None, weight, 64, 48, A, B, 0.5, bias)),
         (torch.ops.lora_kernels.qlora_linear.default,
-         (x, torch.randn(5, 128, dtype=torch.bfloat16), *fields, 64, 48, A, B, 2.0, None)),
+         (x, torch.randn(5, 128, dtype=torch.bfloat16), weight, 64, 48, A, B, 2.0, None)),
     ]
     if lora_kernels.backends()["cpu"].usable:
         xa = torch.randn(5, 4)
-        for route in (1, 2):
-            samples.append((torch.ops.lora_kernels_C.nf4_matmul.default,
-                            (x, *fields, 64, 48, 128, False, xa, B.detach(), 0.5, bias, route)))
-        samples.append((torch.ops.lora_kernels_C.nf4_matmul.default,
-                        (torch.randn(5, 48, dtype=torch.bfloat16), *fields, 64, 48, 128, True, None, None, 0.0,
-                         None, 0)))
+        for route in ("fused", "dequant_gemm"):
+            samples.append((torch.ops.lora_kernels.nf4_matmul.default,
+                            (x, weight, 64, 48, 128, False, xa, B.detach(), 0.5, bias, route)))
+        samples.append((torch.ops.lora_kernels.nf4_matmul.default,
+                        (torch.randn(5, 48, dtype=torch.bfloat16), weight, 64, 48, 128, True, None, None, 0.0,
+                         None, "dequant_gemm")))
     return samples
 
 

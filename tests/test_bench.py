@@ -91,13 +91,13 @@ def test_peers_are_rows_or_printed_skips(quick_run):
 def test_wrong_kernel_is_reported_not_timed(monkeypatch):
     from bench import quant
 
-    real = lora_kernels.ops.quantize_nf4_op
+    real = lora_kernels._ops.quantize_nf4
 
     def broken(w, blocksize):
         packed, absmax = real(w, blocksize)
         return packed ^ 1, absmax  # flip one bit of every byte
 
-    monkeypatch.setattr(lora_kernels.ops, "quantize_nf4_op", broken)
+    monkeypatch.setattr(lora_kernels._ops, "quantize_nf4", broken)
     monkeypatch.setattr(quant, "CPU_SHAPES", [(256, 256)])
     rows, _ = quant.run(torch.device("cpu"), True, ["torch"], lambda line: None)
     ours = [r for r in rows if r.impl == "ours:torch"]
@@ -132,12 +132,12 @@ def test_forward_quick_run_checks_and_times_ours(quick_run):
 @pytest.fixture
 def broken_matmul(monkeypatch):
     """Every QLoRA forward of ours returns its result plus one: plainly wrong."""
-    real = lora_kernels.ops.nf4_matmul
+    real = lora_kernels._ops.nf4_matmul
 
     def broken(*args, **kwargs):
         return real(*args, **kwargs) + 1
 
-    monkeypatch.setattr(lora_kernels.ops, "nf4_matmul", broken)
+    monkeypatch.setattr(lora_kernels._ops, "nf4_matmul", broken)
 
 
 def test_forward_wrong_kernel_is_reported_not_timed(broken_matmul, monkeypatch):

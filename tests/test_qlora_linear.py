@@ -127,7 +127,7 @@ def test_cpu_routes(backend, route, M):
 
 def test_route_table_explains_itself():
     info = lk.explain("cpu", 1, 4096)
-    assert info["route"] in lk.ops.ROUTES[info["backend"]] and info["why"]
+    assert info["route"] in lk.routes.ROUTES[info["backend"]] and info["why"]
     if info["backend"] == "cpu":
         assert info["route"] == "fused"
         assert lk.explain("cpu", 4096, 4096)["route"] == "dequant_gemm"

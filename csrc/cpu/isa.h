@@ -37,5 +37,13 @@ inline Isa cpu_isa() {
 
 inline bool isa_at_least(Isa level) { return static_cast<int>(cpu_isa()) >= static_cast<int>(level); }
 
+#if defined(__x86_64__)
+// The function attributes of each level: exactly the extensions detect_isa requires of it, so one
+// file built for baseline x86-64 holds every code path, each called only where cpu_isa() allows.
+#define LK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LK_TARGET_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
+#define LK_TARGET_AVX512BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")))
+#endif
+
 }  // namespace cpu
 }  // namespace lora_kernels

@@ -67,7 +67,6 @@ LK_INLINE void encode_all(const float* __restrict__ values, int64_t len, uint8_t
   }
 }
 
-bool has_avx2();
 #if defined(__x86_64__)
 void scale_encode_pack_avx2(const float* values, int64_t len, float inverse, uint8_t* out);
 void half_to_floats_f16c(const c10::Half* src, int64_t len, float* dst);
@@ -117,7 +116,7 @@ LK_INLINE void quantize_range(const T* w, int64_t n, int64_t blocksize, uint8_t*
 
 #if defined(__x86_64__)
 template <typename T>
-__attribute__((target("avx2"))) void quantize_range_avx2(const T* w, int64_t n, int64_t blocksize, uint8_t* packed,
+LK_TARGET_AVX2 void quantize_range_avx2(const T* w, int64_t n, int64_t blocksize, uint8_t* packed,
                                                          float* absmax, int64_t first, int64_t last) {
   quantize_range<T, true>(w, n, blocksize, packed, absmax, first, last);
 }
@@ -139,11 +138,10 @@ void dequantize_scalar(const uint8_t* bytes, int64_t len, float scale, T* dst) {
 }
 
 #if defined(__x86_64__)
-#define LK_AVX2 __attribute__((target("avx2,f16c")))
 
 // A full block, 32 elements a step: scale, encode (15 compares accumulated in int32 lanes), then
 // narrow to bytes and pack two codes a byte. Same arithmetic as the scalar path, bit for bit.
-LK_AVX2 void scale_encode_pack_avx2(const float* values, int64_t len, float inverse, uint8_t* out) {
+LK_TARGET_AVX2 void scale_encode_pack_avx2(const float* values, int64_t len, float inverse, uint8_t* out) {
   static constexpr float kMids[15] = LK_NF4_MIDPOINTS;
   __m256 mids[15];
   for (int j = 0; j < 15; ++j) mids[j] = _mm256_set1_ps(kMids[j]);
@@ -171,7 +169,7 @@ LK_AVX2 void scale_encode_pack_avx2(const float* values, int64_t len, float inve
 }
 
 // fp16 -> fp32 with the F16C instruction (exact), 8 at a time.
-LK_AVX2 void half_to_floats_f16c(const c10::Half* src, int64_t len, float* dst) {
+LK_TARGET_AVX2 void half_to_floats_f16c(const c10::Half* src, int64_t len, float* dst) {
   int64_t i = 0;
   for (; i + 8 <= len; i += 8)
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
@@ -179,7 +177,7 @@ LK_AVX2 void half_to_floats_f16c(const c10::Half* src, int64_t len, float* dst) 
 }
 
 // 8 fp32 -> 8 bf16 bit patterns, round to nearest even (the values are finite): (bits + 0x7fff + lsb) >> 16.
-LK_AVX2 inline __m128i round_to_bf16(__m256 v) {
+LK_TARGET_AVX2 inline __m128i round_to_bf16(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), 16);
@@ -189,7 +187,7 @@ LK_AVX2 inline __m128i round_to_bf16(__m256 v) {
 // The 16 table entries as 16-bit patterns, split into a low-byte plane and a high-byte plane
 // so that `pshufb` can look up 16 codes at once.
 template <typename T>
-LK_AVX2 inline void table_planes(float scale, __m128i* lo_plane, __m128i* hi_plane) {
+LK_TARGET_AVX2 inline void table_planes(float scale, __m128i* lo_plane, __m128i* hi_plane) {
   static constexpr float kNF4[16] = LK_NF4_VALUES;
   const __m256 s = _mm256_set1_ps(scale);
   const __m256 a = _mm256_mul_ps(_mm256_loadu_ps(kNF4), s);
@@ -211,7 +209,7 @@ LK_AVX2 inline void table_planes(float scale, __m128i* lo_plane, __m128i* hi_pla
 
 // 16-bit outputs: 16 packed bytes -> 32 values per step.
 template <typename T>
-LK_AVX2 void dequantize_avx2_16bit(const uint8_t* bytes, int64_t len, float scale, T* dst) {
+LK_TARGET_AVX2 void dequantize_avx2_16bit(const uint8_t* bytes, int64_t len, float scale, T* dst) {
   __m128i lo_plane, hi_plane;
   table_planes<T>(scale, &lo_plane, &hi_plane);
   const __m128i nibble = _mm_set1_epi8(0x0f);
@@ -233,7 +231,7 @@ LK_AVX2 void dequantize_avx2_16bit(const uint8_t* bytes, int64_t len, float scal
 }
 
 // fp32 outputs: two 8-entry permutes and a blend per 8 values.
-LK_AVX2 void dequantize_avx2_fp32(const uint8_t* bytes, int64_t len, float scale, float* dst) {
+LK_TARGET_AVX2 void dequantize_avx2_fp32(const uint8_t* bytes, int64_t len, float scale, float* dst) {
   static constexpr float kNF4[16] = LK_NF4_VALUES;
   const __m256 s = _mm256_set1_ps(scale);
   const __m256 t0 = _mm256_mul_ps(_mm256_loadu_ps(kNF4), s);
@@ -259,10 +257,9 @@ LK_AVX2 void dequantize_avx2_fp32(const uint8_t* bytes, int64_t len, float scale
 // The index register is built so the outputs come out in element order: for each packed byte b
 // (zero-extended to a 32-bit lane for 16-bit outputs, a 64-bit lane for fp32), the low half of
 // the lane gets b >> 4 (the first element, bitsandbytes' high nibble) and the high half b & 15.
-#define LK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
 
 template <typename T>
-LK_AVX512 void dequantize_avx512_16bit(const uint8_t* bytes, int64_t len, float scale, T* dst) {
+LK_TARGET_AVX512 void dequantize_avx512_16bit(const uint8_t* bytes, int64_t len, float scale, T* dst) {
   static constexpr float kNF4[16] = LK_NF4_VALUES;
   const __m512 values = _mm512_mul_ps(_mm512_loadu_ps(kNF4), _mm512_set1_ps(scale));
   __m256i table16;
@@ -283,7 +280,7 @@ LK_AVX512 void dequantize_avx512_16bit(const uint8_t* bytes, int64_t len, float 
   if (2 * j < len) dequantize_scalar(bytes + j, len - 2 * j, scale, dst + 2 * j);
 }
 
-LK_AVX512 void dequantize_avx512_fp32(const uint8_t* bytes, int64_t len, float scale, float* dst) {
+LK_TARGET_AVX512 void dequantize_avx512_fp32(const uint8_t* bytes, int64_t len, float scale, float* dst) {
   static constexpr float kNF4[16] = LK_NF4_VALUES;
   const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(kNF4), _mm512_set1_ps(scale));
   const __m512i low_nibble_hi_dword = _mm512_set1_epi64(0x0000000F00000000LL);
@@ -297,11 +294,8 @@ LK_AVX512 void dequantize_avx512_fp32(const uint8_t* bytes, int64_t len, float s
   if (2 * j < len) dequantize_scalar(bytes + j, len - 2 * j, scale, dst + 2 * j);
 }
 
-bool has_avx512() { return isa_at_least(Isa::kAvx512); }
-
 #endif
 
-bool has_avx2() { return isa_at_least(Isa::kAvx2); }
 
 template <typename T>
 void dequantize_range(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, T* out,
@@ -312,14 +306,14 @@ void dequantize_range(const uint8_t* packed, const BlockScales& scales, int64_t 
     const int64_t len = std::min(blocksize, n - start);
     const uint8_t* bytes = packed + start / 2;
 #if defined(__x86_64__)
-    if (has_avx512()) {
+    if (isa_at_least(Isa::kAvx512)) {
       if constexpr (std::is_same_v<T, float>)
         dequantize_avx512_fp32(bytes, len, scale, out + start);
       else
         dequantize_avx512_16bit<T>(bytes, len, scale, out + start);
       continue;
     }
-    if (has_avx2()) {
+    if (isa_at_least(Isa::kAvx2)) {
       if constexpr (std::is_same_v<T, float>)
         dequantize_avx2_fp32(bytes, len, scale, out + start);
       else
@@ -348,15 +342,42 @@ void quantize_nf4(const void* w, DType dtype, int64_t n, int64_t blocksize, uint
     using T = decltype(tag);
     at::parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t first, int64_t last) {
 #if defined(__x86_64__)
-      if (has_avx2()) return quantize_range_avx2(static_cast<const T*>(w), n, blocksize, packed, absmax, first, last);
+      if (isa_at_least(Isa::kAvx2)) return quantize_range_avx2(static_cast<const T*>(w), n, blocksize, packed, absmax, first, last);
 #endif
       quantize_range(static_cast<const T*>(w), n, blocksize, packed, absmax, first, last);
     });
   });
 }
 
-void quantize_scales_8bit(const float* absmax, int64_t n, float offset, const uint8_t* lut, uint8_t* codes,
+namespace {
+
+// The nearest-code table bitsandbytes 0.50's CPU backend codes the scales with, for the sorted
+// 8-bit map `code` [256] (reference._dynamic_map_lut): entry i is the number of midpoints of the map
+// strictly below v_i = -1 + 2i / 65535, every step in fp32. Built once a thread for the map last seen.
+const uint8_t* scale_code_table(const float* code) {
+  constexpr int64_t kEntries = 65536;
+  thread_local float last_code[256];
+  thread_local uint8_t table[kEntries];
+  thread_local bool built = false;
+  if (built && std::memcmp(last_code, code, sizeof(last_code)) == 0) return table;
+  float mids[255];
+  for (int j = 0; j < 255; ++j) mids[j] = (code[j] + code[j + 1]) * 0.5f;
+  int below = 0;
+  for (int64_t i = 0; i < kEntries; ++i) {
+    const float v = -1.0f + (2.0f * static_cast<float>(i)) / static_cast<float>(kEntries - 1);
+    while (below < 255 && mids[below] < v) ++below;  // v grows with i and the midpoints are sorted
+    table[i] = static_cast<uint8_t>(below);
+  }
+  std::memcpy(last_code, code, sizeof(last_code));
+  built = true;
+  return table;
+}
+
+}  // namespace
+
+void quantize_scales_8bit(const float* absmax, int64_t n, float offset, const float* code, uint8_t* codes,
                           float* nested_absmax) {
+  const uint8_t* lut = scale_code_table(code);
   const int64_t nblocks = (n + kNestedBlocksize - 1) / kNestedBlocksize;
   at::parallel_for(0, nblocks, 64, [&](int64_t first, int64_t last) {
     float centered[kNestedBlocksize];

@@ -1,4 +1,4 @@
-// NF4 quantize / dequantize on CUDA. Plain CUDA, no torch headers (the glue is in ops.cpp).
+// NF4 quantize / dequantize on CUDA. Plain CUDA, no torch headers (the torch glue is in csrc/torch_bindings.cpp).
 //
 // quantize: a group of LANES threads owns one block of BS elements; each thread holds 8
 // consecutive elements per step (one 16- or 32-byte load), the group reduces absmax with warp
@@ -11,6 +11,7 @@
 
 #include "../kernels.h"
 #include "../nf4.h"
+#include "convert.cuh"
 
 namespace lora_kernels {
 namespace cuda {
@@ -18,19 +19,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kElemsPerThread = 8;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
 // NaN-propagating max: a NaN anywhere in a block makes its absmax NaN, which the caller reports.
 __device__ __forceinline__ float max_nan(float a, float b) { return (b != b || b > a) ? b : a; }

@@ -1,5 +1,5 @@
-"""The NF4 decode kernel (csrc/cuda/linear.cu) compiled for sm_90 without a GPU (nvcc only): it builds
-on its own, without torch headers and without warnings; no kernel spills or uses a stack frame
+"""The NF4 matmul's CUDA fused route, the decode kernel (csrc/cuda/nf4_matmul.cu), compiled for
+sm_90 without a GPU (nvcc only): it builds on its own, without torch headers and without warnings; no kernel spills or uses a stack frame
 (local memory in the hot loop would cost more than the weight stream it hides); the packed bytes
 and x come in as 16-byte read-only loads; and its float arithmetic is what the spec needs: the scale
 decode rounds twice (mul.rn, add.rn), no flush-to-zero, no approximate operations, round-to-nearest
@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(ROOT, "csrc", "cuda", "linear.cu")
+SOURCE = os.path.join(ROOT, "csrc", "cuda", "nf4_matmul.cu")
 # The M = 1 kernels must leave room for >= 16 resident warps an SM (65536 registers): the decode
 # path needs that many bytes in flight to reach DRAM bandwidth.
 MAX_REGISTERS_M1 = 128
@@ -29,7 +29,7 @@ def _compile(tmp_path_factory, kind):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
-    out = tmp_path_factory.mktemp(kind) / f"linear.{kind}"
+    out = tmp_path_factory.mktemp(kind) / f"nf4_matmul.{kind}"
     cmd = [nvcc, "-arch=sm_90", "-std=c++17", f"--{kind}", "-Xptxas", "-v", "-I", os.path.join(ROOT, "csrc"),
            SOURCE, "-o", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

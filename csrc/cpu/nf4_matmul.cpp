@@ -82,16 +82,10 @@ void row_dot_scalar(const uint8_t* bytes, const BlockScales& s, int64_t first_bl
 }
 
 #if defined(__x86_64__)
-#define LK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#define LK_AVX2 __attribute__((target("avx2,fma")))
-
-bool has_avx512() { return isa_at_least(Isa::kAvx512); }
-bool has_avx2_fma() { return isa_at_least(Isa::kAvx2); }
-
 // AVX-512: vpermps takes the low 4 bits of each index, so neither nibble needs masking: the byte
 // shifted right by 4 within 16-bit lanes carries bits of its neighbour only above bit 3.
 template <int R>
-LK_AVX512 void row_dot_avx512(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K,
+LK_TARGET_AVX512 void row_dot_avx512(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K,
                               int64_t blocksize, const float* xs, int64_t x_stride, float* result) {
   static constexpr float kNF4[16] = LK_NF4_VALUES;
   const __m512 nf4 = _mm512_loadu_ps(kNF4);
@@ -117,13 +111,10 @@ LK_AVX512 void row_dot_avx512(const uint8_t* bytes, const BlockScales& s, int64_
 // reference's bf16 dequantized value), one vpermw turns 16 packed bytes into 32 bf16 weights in
 // element order, and one vdpbf16ps a row multiplies them with 32 bf16 elements of x, read in place
 // (no staging), accumulating pairs of exact products in fp32.
-#define LK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define LK_AVX512BF16_LAMBDA __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-bool has_avx512bf16() { return isa_at_least(Isa::kAvx512Bf16); }
-
 template <int R>
-LK_AVX512BF16 void row_dot_avx512bf16(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K,
+LK_TARGET_AVX512BF16 void row_dot_avx512bf16(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K,
                                       int64_t blocksize, const c10::BFloat16* x, int64_t x_stride, float* result) {
   static constexpr float kNF4[16] = LK_NF4_VALUES;
   const __m512 nf4 = _mm512_loadu_ps(kNF4);
@@ -162,14 +153,14 @@ LK_AVX512BF16 void row_dot_avx512bf16(const uint8_t* bytes, const BlockScales& s
 }
 
 // AVX2: two 8-entry permutes and a blend on bit 3 of the code make the 16-entry lookup.
-LK_AVX2 inline __m256 lookup16(__m128i codes8_in_low_half, __m256 t_lo, __m256 t_hi) {
+LK_TARGET_AVX2 inline __m256 lookup16(__m128i codes8_in_low_half, __m256 t_lo, __m256 t_hi) {
   const __m256i idx = _mm256_cvtepu8_epi32(codes8_in_low_half);
   const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_lo, idx), _mm256_permutevar8x32_ps(t_hi, idx), bit3);
 }
 
 template <int R>
-LK_AVX2 void row_dot_avx2(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K,
+LK_TARGET_AVX2 void row_dot_avx2(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K,
                           int64_t blocksize, const float* xs, int64_t x_stride, float* result) {
   static constexpr float kNF4[16] = LK_NF4_VALUES;
   const __m256 nf4_lo = _mm256_loadu_ps(kNF4), nf4_hi = _mm256_loadu_ps(kNF4 + 8);
@@ -208,8 +199,8 @@ using RowDot = void (*)(const uint8_t*, const BlockScales&, int64_t, int64_t, in
 template <int R>
 RowDot pick_row_dot() {
 #if defined(__x86_64__)
-  if (has_avx512()) return &row_dot_avx512<R>;
-  if (has_avx2_fma()) return &row_dot_avx2<R>;
+  if (isa_at_least(Isa::kAvx512)) return &row_dot_avx512<R>;
+  if (isa_at_least(Isa::kAvx2)) return &row_dot_avx2<R>;
 #endif
   return &row_dot_scalar<R>;
 }
@@ -254,10 +245,10 @@ RowDotBF16 row_dot_bf16_for(int rows) {
 #endif
 }
 
-void nf4_linear_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out) {
+void nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out) {
   const int64_t N = w.rows, K = w.cols, blocks_per_row = K / w.blocksize;
 #if defined(__x86_64__)
-  const bool bf16_dot = dtype == DType::kBF16 && has_avx512bf16();
+  const bool bf16_dot = dtype == DType::kBF16 && isa_at_least(Isa::kAvx512Bf16);
 #else
   const bool bf16_dot = false;
 #endif

@@ -1,4 +1,4 @@
-// The NF4 decode kernel: out [M, N] = x [M, K] . deq(W)^T + epilogue, for 1 <= M <= 16 (token
+// The NF4 matmul's fused route on CUDA (the decode kernel): out [M, N] = x [M, K] . deq(W)^T + epilogue, for 1 <= M <= 16 (token
 // generation), reading the packed bytes and the block scales directly. Plain CUDA, no torch headers.
 //
 // Why this shape. With M this small the kernel is a stream over the packed weight (K / 2 bytes a
@@ -42,6 +42,7 @@
 
 #include "../kernels.h"
 #include "../nf4.h"
+#include "convert.cuh"
 
 namespace lora_kernels {
 namespace cuda {
@@ -56,16 +57,6 @@ constexpr int kMinChunksPerWarp = 64;  // >= 2 chunks a thread before a CTA gets
 // Output rows a CTA owns, by the padded row count of x: fewer for large M, where the M * R
 // accumulators would otherwise spill.
 constexpr int rows_per_cta(int m_tile) { return m_tile > 8 ? 2 : 4; }
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
 // 8 consecutive 16-bit elements (one uint4, the lowest address in the low half of .x) to fp32.
 __device__ __forceinline__ void unpack8(uint4 q, const __nv_bfloat16*, float v[8]) {
@@ -171,7 +162,7 @@ __device__ __forceinline__ float load_as_float(const void* p, DType dtype, int64
 // MT: rows of x rounded up (1, 2, 4, 8, 16); R: output rows a CTA; T: the dtype of x and out.
 template <typename T, int MT, int R>
 __global__ void __launch_bounds__(kMaxWarps * 32)
-    nf4_linear_decode_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed,
+    nf4_matmul_fused_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed,
                              BlockScales scales, int64_t N, int64_t K, int blocksize_log2, Epilogue epi,
                              T* __restrict__ out) {
   constexpr bool kFactorScale = MT <= 2;
@@ -305,7 +296,7 @@ void launch(const void* x, int64_t M, const Nf4Matrix& w, int blocksize_log2, co
   int64_t warps = nchunks / kMinChunksPerWarp;
   warps = warps < 1 ? 1 : (warps > kMaxWarps ? kMaxWarps : warps);
   const int64_t grid = (w.rows + R - 1) / R;
-  nf4_linear_decode_kernel<T, MT, R><<<static_cast<unsigned>(grid), static_cast<unsigned>(warps * 32), 0, stream>>>(
+  nf4_matmul_fused_kernel<T, MT, R><<<static_cast<unsigned>(grid), static_cast<unsigned>(warps * 32), 0, stream>>>(
       static_cast<const T*>(x), static_cast<int>(M), w.packed, w.scales, w.rows, w.cols, blocksize_log2, epi,
       static_cast<T*>(out));
 }
@@ -322,7 +313,7 @@ void launch_m(const void* x, int64_t M, const Nf4Matrix& w, int blocksize_log2, 
 
 }  // namespace
 
-int nf4_linear_decode(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out,
+int nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out,
                       void* stream_ptr) {
   // The caller validates shapes; these are the kernel's own assumptions, refused rather than misread:
   // a power-of-two blocksize >= 32 (a 32-weight chunk never straddles a block), a bf16 / fp16 x.

@@ -1,0 +1,374 @@
+// The torch binding of the C++ kernels: registers the CPU and CUDA kernels to the `lora_kernels::`
+// ops, whose schemas are defined in lora_kernels/_ops.py (so they exist without this library too),
+// and checks at this boundary what no caller should send. The route of nf4_matmul is chosen by
+// lora_kernels/routes.py; a kernel here refuses a route that cannot take its inputs and says which
+// rule broke. Loaded as `lora_kernels._C`, a Python module with no Python functions.
+#include <Python.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#ifdef LK_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "kernels.h"
+#include "nf4.h"
+#include "cpu/isa.h"
+
+#include <cstdlib>
+#include <optional>
+#include <string>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace lora_kernels {
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return DType::kBF16;
+    case at::kHalf: return DType::kFP16;
+    case at::kFloat: return DType::kFP32;
+    default: TORCH_CHECK(false, "lora_kernels: dtype must be bfloat16, float16 or float32, got ", t);
+  }
+}
+
+void check_blocksize(int64_t blocksize) {
+  TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
+              "lora_kernels: blocksize must be a power of two from 32 to 4096, got ", blocksize);
+}
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel,
+                  const at::Device& device) {
+  TORCH_CHECK(t.scalar_type() == dtype, "lora_kernels: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == numel, "lora_kernels: ", name, " must have ", numel, " elements, got ", t.numel());
+  TORCH_CHECK(t.device() == device, "lora_kernels: ", name, " is on ", t.device(), ", expected ", device);
+  TORCH_CHECK(t.is_contiguous(), "lora_kernels: ", name, " must be contiguous");
+}
+
+// A large CPU output in memory the kernel of the OS may back with 2 MiB pages. A fresh tensor of
+// tens of MB costs more in 4 KiB page faults on first touch than the kernel itself (measured here:
+// about 15 ms to fault in 32 MB, against 2.5 ms to fill it once mapped). torch does the same
+// behind THP_MEM_ALLOC_ENABLE=1; we do it for our own large outputs only. The result is an
+// ordinary CPU tensor whose memory is freed with free().
+at::Tensor empty_cpu(int64_t numel, at::ScalarType dtype) {
+  const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  constexpr size_t kHugePage = size_t(2) << 20;
+#ifdef __linux__
+  if (nbytes >= 2 * kHugePage) {
+    const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* ptr = nullptr;
+    if (posix_memalign(&ptr, kHugePage, rounded) == 0) {
+      madvise(ptr, rounded, MADV_HUGEPAGE);  // a hint: without transparent huge pages it does nothing
+      return at::from_blob(ptr, {numel}, [](void* p) { std::free(p); }, options);
+    }
+  }
+#endif
+  return at::empty({numel}, options);
+}
+
+// The NF4 weight as the ops pass it: [packed, absmax, nested_absmax, nested_code, offset], the
+// last three None for plain fp32 scales (NF4Weight.tensors in lora_kernels/nf4.py).
+using WeightList = c10::List<std::optional<at::Tensor>>;
+
+std::tuple<at::Tensor, at::Tensor> quantize_outputs(const at::Tensor& w, int64_t blocksize) {
+  check_blocksize(blocksize);
+  to_dtype(w.scalar_type());
+  TORCH_CHECK(w.dim() == 1 && w.is_contiguous(), "lora_kernels: quantize_nf4 takes a flat contiguous tensor");
+  TORCH_CHECK(w.numel() > 0, "lora_kernels: cannot quantize an empty tensor");
+  const int64_t n = w.numel();
+  auto packed = w.is_cpu() ? empty_cpu((n + 1) / 2, at::kByte) : at::empty({(n + 1) / 2}, w.options().dtype(at::kByte));
+  auto absmax = at::empty({(n + blocksize - 1) / blocksize}, w.options().dtype(at::kFloat));
+  return {packed, absmax};
+}
+
+// Checks the weight bundle of a [rows, cols] NF4 matrix (dequantize passes [1, numel]) and turns it
+// into the kernels' struct. The pointers live as long as the caller's tensors.
+Nf4Matrix nf4_matrix(const WeightList& weight, int64_t blocksize, int64_t rows, int64_t cols) {
+  check_blocksize(blocksize);
+  TORCH_CHECK(rows > 0 && cols > 0, "lora_kernels: the weight's shape must be positive, got [", rows, ", ", cols, "]");
+  TORCH_CHECK(weight.size() == 5, "lora_kernels: the NF4 weight is [packed, absmax, nested_absmax, nested_code, ",
+              "offset], got ", weight.size(), " tensors");
+  const std::optional<at::Tensor> packed = weight.get(0), absmax = weight.get(1), nested_absmax = weight.get(2),
+                                  nested_code = weight.get(3), offset = weight.get(4);
+  TORCH_CHECK(packed.has_value() && absmax.has_value(), "lora_kernels: the NF4 weight needs packed and absmax");
+  const int64_t numel = rows * cols, nblocks = (numel + blocksize - 1) / blocksize;
+  const auto device = packed->device();
+  check_tensor(*packed, "packed", at::kByte, (numel + 1) / 2, device);
+  Nf4Matrix w;
+  w.packed = packed->data_ptr<uint8_t>();
+  w.rows = rows;
+  w.cols = cols;
+  w.blocksize = blocksize;
+  if (!nested_absmax.has_value()) {
+    check_tensor(*absmax, "absmax", at::kFloat, nblocks, device);
+    w.scales.absmax = absmax->data_ptr<float>();
+    return w;
+  }
+  TORCH_CHECK(nested_code.has_value() && offset.has_value(),
+              "lora_kernels: nested_absmax, nested_code and offset come together");
+  check_tensor(*absmax, "absmax (double-quantized codes)", at::kByte, nblocks, device);
+  check_tensor(*nested_absmax, "nested_absmax", at::kFloat, (nblocks + kNestedBlocksize - 1) / kNestedBlocksize,
+               device);
+  check_tensor(*nested_code, "nested_code", at::kFloat, 256, device);
+  check_tensor(*offset, "offset", at::kFloat, 1, device);
+  w.scales.codes = absmax->data_ptr<uint8_t>();
+  w.scales.nested_absmax = nested_absmax->data_ptr<float>();
+  w.scales.nested_code = nested_code->data_ptr<float>();
+  w.scales.offset = offset->data_ptr<float>();
+  return w;
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& w, int64_t blocksize) {
+  auto [packed, absmax] = quantize_outputs(w, blocksize);
+  cpu::quantize_nf4(w.data_ptr(), to_dtype(w.scalar_type()), w.numel(), blocksize, packed.data_ptr<uint8_t>(),
+                    absmax.data_ptr<float>());
+  return {packed, absmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cpu(const at::Tensor& absmax, const at::Tensor& code) {
+  TORCH_CHECK(absmax.dim() == 1 && absmax.numel() > 0, "lora_kernels: absmax must be a non-empty flat tensor");
+  check_tensor(absmax, "absmax", at::kFloat, absmax.numel(), absmax.device());
+  check_tensor(code, "code", at::kFloat, 256, absmax.device());
+  const int64_t n = absmax.numel();
+  // torch's own mean, so the offset is the bits bitsandbytes stores
+  const at::Tensor offset = absmax.mean();
+  auto codes = at::empty({n}, absmax.options().dtype(at::kByte));
+  auto nested = at::empty({(n + kNestedBlocksize - 1) / kNestedBlocksize}, absmax.options());
+  cpu::quantize_scales_8bit(absmax.data_ptr<float>(), n, offset.item<float>(), code.data_ptr<float>(),
+                            codes.data_ptr<uint8_t>(), nested.data_ptr<float>());
+  return {codes, nested, offset};
+}
+
+at::Tensor dequantize_nf4_cpu(const WeightList& weight, int64_t blocksize, int64_t numel, at::ScalarType dtype) {
+  const Nf4Matrix w = nf4_matrix(weight, blocksize, 1, numel);
+  auto out = empty_cpu(numel, dtype);
+  cpu::dequantize_nf4(w.packed, w.scales, blocksize, numel, out.data_ptr(), to_dtype(dtype));
+  return out;
+}
+
+// ---- nf4_matmul: out = x . deq(W)^T (or x . deq(W) when transposed) + lora_scaling * left . right^T + bias ----
+
+enum class Route { kFused, kDequantGemm };
+
+struct MatmulCall {
+  Nf4Matrix w;
+  Epilogue epi;
+  int64_t M = 0, N = 0, K = 0;
+  bool transpose = false;
+  Route route = Route::kDequantGemm;
+};
+
+// The checks every backend's nf4_matmul shares, and the rules of the fused route common to the CPU
+// and CUDA kernels (each adds its own).
+MatmulCall check_matmul(const at::Tensor& x, const WeightList& weight, int64_t blocksize, int64_t rows, int64_t cols,
+                        bool transpose, const std::optional<at::Tensor>& lora_left,
+                        const std::optional<at::Tensor>& lora_right, double lora_scaling,
+                        const std::optional<at::Tensor>& bias, c10::string_view route) {
+  MatmulCall c;
+  c.w = nf4_matrix(weight, blocksize, rows, cols);
+  c.transpose = transpose;
+  to_dtype(x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lora_kernels: nf4_matmul takes a contiguous 2-D x, got ", x.sizes());
+  TORCH_CHECK(x.device() == weight.get(0)->device(), "lora_kernels: x is on ", x.device(), ", the weight on ",
+              weight.get(0)->device());
+  c.M = x.size(0);
+  c.K = transpose ? rows : cols;
+  c.N = transpose ? cols : rows;
+  TORCH_CHECK(x.size(1) == c.K, "lora_kernels: x has ", x.size(1), " features, the weight expects ", c.K);
+  if (lora_left.has_value()) {
+    TORCH_CHECK(lora_right.has_value(), "lora_kernels: lora_left and lora_right come together");
+    const auto& l = *lora_left;
+    const auto& r = *lora_right;
+    TORCH_CHECK(l.dim() == 2 && r.dim() == 2 && l.size(0) == c.M && r.size(0) == c.N && l.size(1) == r.size(1),
+                "lora_kernels: lora_left must be [", c.M, ", r] and lora_right [", c.N, ", r], got ", l.sizes(),
+                " and ", r.sizes());
+    TORCH_CHECK(l.scalar_type() == r.scalar_type() && l.is_contiguous() && r.is_contiguous(),
+                "lora_kernels: lora_left and lora_right must be contiguous and of one dtype");
+    TORCH_CHECK(l.device() == x.device() && r.device() == x.device(), "lora_kernels: LoRA factors on another device");
+    c.epi.lora_left = l.data_ptr();
+    c.epi.lora_right = r.data_ptr();
+    c.epi.lora_dtype = to_dtype(l.scalar_type());
+    c.epi.rank = l.size(1);
+    c.epi.lora_scaling = static_cast<float>(lora_scaling);
+  }
+  if (bias.has_value()) {
+    check_tensor(*bias, "bias", x.scalar_type(), c.N, x.device());
+    c.epi.bias = bias->data_ptr();
+  }
+  if (route == "fused") {
+    c.route = Route::kFused;
+    TORCH_CHECK(!transpose, "lora_kernels: the fused route is forward-only; route a transposed nf4_matmul to "
+                "dequant_gemm");
+    TORCH_CHECK(cols % blocksize == 0, "lora_kernels: the fused route needs in_features (", cols,
+                ") to be a multiple of the blocksize (", blocksize, "); route it to dequant_gemm");
+  } else {
+    TORCH_CHECK(route == "dequant_gemm", "lora_kernels: nf4_matmul's route is \"fused\" or \"dequant_gemm\", got \"",
+                route, "\"");
+  }
+  return c;
+}
+
+// The unfused epilogue, in the output dtype: out += lora_scaling * left . right^T; out += bias.
+void add_epilogue(at::Tensor& out, const std::optional<at::Tensor>& lora_left,
+                  const std::optional<at::Tensor>& lora_right, double lora_scaling,
+                  const std::optional<at::Tensor>& bias) {
+  if (lora_left.has_value() && lora_left->size(1) > 0)
+    out.addmm_(lora_left->to(out.scalar_type()), lora_right->to(out.scalar_type()).t(), 1.0, lora_scaling);
+  if (bias.has_value()) out.add_(*bias);
+}
+
+// The dequant_gemm route of the CPU and CUDA kernels: `dequantize(buffer)` writes deq(W) [rows, cols]
+// in x's dtype into `buffer`, then one vendor GEMM (oneDNN, cuBLAS) and the epilogue in place.
+template <typename Dequantize>
+at::Tensor dequant_gemm(const at::Tensor& x, const MatmulCall& c, const at::Tensor& buffer, Dequantize&& dequantize,
+                        const std::optional<at::Tensor>& lora_left, const std::optional<at::Tensor>& lora_right,
+                        double lora_scaling, const std::optional<at::Tensor>& bias) {
+  dequantize(buffer);
+  at::Tensor out = c.transpose ? at::mm(x, buffer) : at::mm(x, buffer.t());
+  add_epilogue(out, lora_left, lora_right, lora_scaling, bias);
+  return out;
+}
+
+// The per-thread scratch buffer of the CPU dequant + GEMM route: it grows to the largest weight
+// this thread has multiplied (one copy in the compute dtype) and is kept for the next call.
+// Reusing it matters: faulting in fresh pages cost more than the dequantization itself. Measured
+// here (Xeon, 2 threads), one whole-weight buffer and one GEMM beat dequantizing tiles into an
+// L2-sized buffer with one GEMM per tile: small GEMMs lose more to oneDNN's per-call packing than
+// the cache saves.
+at::Tensor cpu_scratch(int64_t rows, int64_t cols, at::ScalarType dtype) {
+  thread_local at::Tensor scratch;
+  const int64_t nbytes = rows * cols * static_cast<int64_t>(c10::elementSize(dtype));
+  if (!scratch.defined() || scratch.numel() < nbytes) scratch = empty_cpu(nbytes, at::kByte);
+  return scratch.narrow(0, 0, nbytes).view(dtype).view({rows, cols});
+}
+
+at::Tensor nf4_matmul_cpu(const at::Tensor& x, const WeightList& weight, int64_t blocksize, int64_t rows, int64_t cols,
+                          bool transpose, const std::optional<at::Tensor>& lora_left,
+                          const std::optional<at::Tensor>& lora_right, double lora_scaling,
+                          const std::optional<at::Tensor>& bias, c10::string_view route) {
+  const MatmulCall c =
+      check_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, route);
+  const auto dtype = x.scalar_type();
+  if (c.M == 0) return at::empty({0, c.N}, x.options());
+  if (c.route == Route::kFused) {
+    auto out = at::empty({c.M, c.N}, x.options());
+    cpu::nf4_matmul_fused(x.data_ptr(), to_dtype(dtype), c.M, c.w, c.epi, out.data_ptr());
+    return out;
+  }
+  const auto dequantize = [&](const at::Tensor& buffer) {
+    cpu::dequantize_nf4(c.w.packed, c.w.scales, blocksize, rows * cols, buffer.data_ptr(), to_dtype(dtype));
+  };
+  return dequant_gemm(x, c, cpu_scratch(rows, cols, dtype), dequantize, lora_left, lora_right, lora_scaling, bias);
+}
+
+// What the CPU kernels use here: the instruction set detected, capped by LORA_KERNELS_CPU_ISA.
+std::string cpu_isa_name() {
+  switch (cpu::cpu_isa()) {
+    case cpu::Isa::kAvx512Bf16: return "avx512bf16";
+    case cpu::Isa::kAvx512: return "avx512";
+    case cpu::Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+#ifdef LK_WITH_CUDA
+void check_launch(int err, const char* what) {
+  TORCH_CHECK(err == 0, "lora_kernels: CUDA ", what, " launch failed with cudaError ", err);
+}
+
+// The CUDA dequantize kernel reads the packed bytes four at a time: a view at an odd offset is
+// copied first, and the scale pointers stay those of the caller's tensors.
+at::Tensor packed_for_dequantize(const WeightList& weight) {
+  const at::Tensor packed = *weight.get(0);
+  return reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 ? packed.clone() : packed;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& w, int64_t blocksize) {
+  c10::cuda::CUDAGuard guard(w.device());
+  auto [packed, absmax] = quantize_outputs(w, blocksize);
+  check_launch(cuda::quantize_nf4(w.data_ptr(), to_dtype(w.scalar_type()), w.numel(), blocksize,
+                                  packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                                  c10::cuda::getCurrentCUDAStream().stream()),
+               "quantize_nf4");
+  return {packed, absmax};
+}
+
+at::Tensor dequantize_nf4_cuda(const WeightList& weight, int64_t blocksize, int64_t numel, at::ScalarType dtype) {
+  const Nf4Matrix w = nf4_matrix(weight, blocksize, 1, numel);
+  const at::Tensor bytes = packed_for_dequantize(weight);
+  c10::cuda::CUDAGuard guard(bytes.device());
+  auto out = at::empty({numel}, bytes.options().dtype(dtype));
+  check_launch(cuda::dequantize_nf4(bytes.data_ptr<uint8_t>(), w.scales, blocksize, numel, out.data_ptr(),
+                                    to_dtype(dtype), c10::cuda::getCurrentCUDAStream().stream()),
+               "dequantize_nf4");
+  return out;
+}
+
+at::Tensor nf4_matmul_cuda(const at::Tensor& x, const WeightList& weight, int64_t blocksize, int64_t rows,
+                           int64_t cols, bool transpose, const std::optional<at::Tensor>& lora_left,
+                           const std::optional<at::Tensor>& lora_right, double lora_scaling,
+                           const std::optional<at::Tensor>& bias, c10::string_view route) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const MatmulCall c =
+      check_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, route);
+  if (c.M == 0) return at::empty({0, c.N}, x.options());
+  const auto dtype = x.scalar_type();
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (c.route == Route::kFused) {
+    TORCH_CHECK(dtype != at::kFloat, "lora_kernels: the CUDA fused route takes bf16 or fp16 x, got float32; route ",
+                "it to dequant_gemm");
+    TORCH_CHECK(c.M <= cuda::kDecodeMaxRows, "lora_kernels: the CUDA fused route takes at most ",
+                cuda::kDecodeMaxRows, " rows, got M=", c.M, "; route it to dequant_gemm");
+    TORCH_CHECK(aligned16(x) && aligned16(*weight.get(0)), "lora_kernels: the CUDA fused route needs x and the ",
+                "packed bytes on 16-byte boundaries; route it to dequant_gemm");
+    auto out = at::empty({c.M, c.N}, x.options());
+    check_launch(cuda::nf4_matmul_fused(x.data_ptr(), to_dtype(dtype), c.M, c.w, c.epi, out.data_ptr(), stream),
+                 "nf4_matmul_fused");
+    return out;
+  }
+  const at::Tensor bytes = packed_for_dequantize(weight);
+  const auto dequantize = [&](const at::Tensor& buffer) {
+    check_launch(cuda::dequantize_nf4(bytes.data_ptr<uint8_t>(), c.w.scales, blocksize, rows * cols, buffer.data_ptr(),
+                                      to_dtype(dtype), stream),
+                 "dequantize_nf4");
+  };
+  // The buffer comes from the caching allocator, so it is reused from call to call.
+  return dequant_gemm(x, c, at::empty({rows, cols}, x.options()), dequantize, lora_left, lora_right, lora_scaling,
+                      bias);
+}
+#endif
+
+}  // namespace
+}  // namespace lora_kernels
+
+TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
+  m.def("cpu_isa() -> str", &lora_kernels::cpu_isa_name);
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("quantize_nf4", &lora_kernels::quantize_nf4_cpu);
+  m.impl("double_quantize", &lora_kernels::double_quantize_cpu);
+  m.impl("dequantize_nf4", &lora_kernels::dequantize_nf4_cpu);
+  m.impl("nf4_matmul", &lora_kernels::nf4_matmul_cpu);
+}
+
+#ifdef LK_WITH_CUDA
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("quantize_nf4", &lora_kernels::quantize_nf4_cuda);
+  m.impl("dequantize_nf4", &lora_kernels::dequantize_nf4_cuda);
+  m.impl("nf4_matmul", &lora_kernels::nf4_matmul_cuda);
+}
+#endif
+
+// `import lora_kernels._C` only needs a module to exist; the kernels register when the library loads.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

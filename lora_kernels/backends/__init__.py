@@ -1,0 +1,37 @@
+"""One module a backend. Each says where it runs, which matmul routes it offers and when its
+fused route cannot take a problem, whether it is usable here, and which kernels it provides:
+
+    NAME, RUNS_ON (device types), ROUTES, status() -> Status, fused_problem(problem) -> str | None,
+    KERNELS: {op name: kernel}  (Python kernels; the C++ extension registers its own)
+
+routes.py registers the kernels to the `lora_kernels::` ops and decides which backend runs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Status(NamedTuple):
+    usable: bool
+    detail: str
+
+
+class MatmulProblem(NamedTuple):
+    """Everything a route choice may depend on, for one nf4_matmul (see lora_kernels/_ops.py)."""
+
+    device_type: str
+    arch: str  # "sm_90" on CUDA, "default" elsewhere
+    dtype: object  # torch.dtype of x
+    M: int
+    rows: int
+    cols: int
+    blocksize: int
+    transpose: bool
+    x_aligned: bool  # x's data starts on a 16-byte boundary
+    packed_aligned: bool  # so do the packed NF4 bytes
+
+
+from . import cpu, cuda, torch, triton  # noqa: E402
+
+BACKENDS = {"cuda": cuda, "triton": triton, "cpu": cpu, "torch": torch}

@@ -1,0 +1,32 @@
+"""The C++ CPU kernels (csrc/cpu/, registered by csrc/torch_bindings.cpp).
+
+Routes: "fused", a GEMV-style kernel that reads the packed bytes (AVX-512 BF16 dot products for
+bf16 x; AVX-512 / AVX2 / scalar fp32 otherwise), forward only, in_features a multiple of the
+blocksize; "dequant_gemm", W dequantized into a per-thread scratch buffer, then one oneDNN GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Status, extension
+
+NAME = "cpu"
+RUNS_ON = ("cpu",)
+ROUTES = ("fused", "dequant_gemm")
+KERNELS: dict = {}  # registered by the extension
+
+
+def status() -> Status:
+    if not extension.has_kernels("CPU"):
+        return Status(False, extension.ERROR or "the extension has no CPU kernels")
+    isa = torch.ops.lora_kernels.cpu_isa()
+    return Status(True, f"C++ kernels, {torch.get_num_threads()} threads, {isa} code paths")
+
+
+def fused_problem(p) -> str | None:
+    if p.transpose:
+        return "the fused CPU kernel is forward-only (the backward's dx is a transposed matmul)"
+    if p.cols % p.blocksize:
+        return f"in_features {p.cols} is not a multiple of the blocksize {p.blocksize}"
+    return None
