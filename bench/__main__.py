@@ -13,6 +13,7 @@ import sys
 import torch
 
 from . import forward, harness, memory, quant, report, train
+from .problems import RANK
 from .shapes import SHAPE_SETS, parse_shapes
 
 SUITES = {"quant": quant.run, "forward": forward.run, "train": train.run, "memory": memory.run}
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", default="", help=f"forward/train/memory: comma-separated set names "
                         f"({', '.join(SHAPE_SETS)}) or OUTxIN layer shapes (default: the device's own)")
-    parser.add_argument("--rank", type=int, default=forward.RANK,
+    parser.add_argument("--rank", type=int, default=RANK,
                         help="forward/train/memory: LoRA rank (alpha = 2 x rank)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--verbose", action="store_true", help="print each row as it is timed")

@@ -67,17 +67,6 @@ def flush_cache(device: torch.device) -> None:
     buf.fill_(1)
 
 
-def bitsandbytes_functional(log):
-    """bitsandbytes.functional, or None after a printed line saying why (a missing peer is a
-    printed line, never a silent gap)."""
-    try:
-        import bitsandbytes.functional as bnbF
-    except Exception as exc:
-        log(f"bitsandbytes skipped: {type(exc).__name__}: {exc}")
-        return None
-    return bnbF
-
-
 def time_fn(fn, device: torch.device, budget_s: float = 1.0, min_runs: int = 5, warmup: int = 2,
             cold: bool = False) -> list[float]:
     """Milliseconds per call, one entry per timed run. cold: flush the last-level cache before each

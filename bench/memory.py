@@ -1,7 +1,8 @@
 """Suite `memory`: peak memory of one training step (forward + backward) of a layer, CUDA only.
 
-The step and the implementations are the train suite's (ours per usable backend, bf16 nn.Linear +
-LoRA, PEFT's LoRA on a bitsandbytes Linear4bit), each checked against the fp32 reference first.
+The step and the implementations are the train suite's (bench.problems: step_fn and
+step_implementations: ours per usable backend, bf16 nn.Linear + LoRA, PEFT's LoRA on a
+bitsandbytes Linear4bit), each checked against the fp32 reference first.
 The figure: torch.cuda.max_memory_allocated during the step minus what was allocated before it
 (the layer, x and dy are already there), in bytes and as a multiple of one bf16 copy of the
 layer's weight (2 out in bytes): a QLoRA step that materializes the dequantized weight shows it
@@ -12,10 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .forward import RANK
 from .harness import Row, advance, expect
-from .quant import _backends
-from .train import _step_fn, cases, implementations, prepare
+from .problems import RANK, our_backends, prepare_step, step_cases, step_fn, step_implementations
+from .shapes import case_name
 
 SUITE = "memory"
 
@@ -36,19 +36,17 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
     if device.type != "cuda":
         log("memory suite skipped: it measures torch.cuda.max_memory_allocated, CUDA only; no rows on the CPU")
         return [], []
-    todo = cases(device, quick, shapes)
+    todo = step_cases(device, quick, shapes)
     expect(log, len(todo))
-    ours, missing = _backends(device, wanted)
-    for line in missing:
-        log(line)
+    ours = our_backends(device, wanted, log)
     rows = [] if rows is None else rows
     for model_name, (out_f, in_f), M in todo:
         shape = f"{out_f}x{in_f}"
-        case = f"memory {(model_name + ' ') if model_name else ''}{shape} M={M}"
-        w, w_deq, lora_A, lora_B, x, dy, check = prepare(device, out_f, in_f, M, rank)
+        case = case_name(SUITE, model_name, shape, M)
+        w, w_deq, lora_A, lora_B, x, dy, check = prepare_step(device, out_f, in_f, M, rank)
         weight_bytes = 2 * out_f * in_f  # one bf16 copy of W
-        for impl, layer, A, B, note in implementations(device, ours, w, w_deq, lora_A, lora_B, rank, log, shape):
-            step = _step_fn(layer, x, dy, A, B)
+        for impl, layer, A, B, note in step_implementations(device, ours, w, w_deq, lora_A, lora_B, rank, log, shape):
+            step = step_fn(layer, x, dy, A, B)
             extra = dict(model=model_name, shape=shape, M=M, bf16_weight_bytes=weight_bytes)
             try:
                 problem = check(step())  # also the warm-up: workspaces and caches exist before the measurement

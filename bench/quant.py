@@ -5,23 +5,13 @@ from __future__ import annotations
 import torch
 
 import lora_kernels
-from lora_kernels import reference
 
-from .harness import bitsandbytes_functional, Row, advance, device_peaks, expect, log_row, summarize, time_fn
+from .harness import Row, advance, device_peaks, expect, log_row, summarize, time_fn
+from .problems import (bitsandbytes_functional, bnb_quantize_nf4, nf4_nbytes, our_backends, reference_nf4,
+                       using_backend)
 
 CPU_SHAPES = [(4096, 4096), (11008, 4096)]
 GPU_SHAPES = [(4096, 4096), (8192, 28672)]
-
-
-def _backends(device: torch.device, wanted: list[str] | None) -> tuple[list[str], list[str]]:
-    """(our backends to time on `device`, a line for each compiled or Triton one left out and why)."""
-    status = lora_kernels.backends()
-    timed = ["cuda", "triton", "torch"] if device.type == "cuda" else ["cpu", "torch"]
-    usable = [n for n in timed if status[n].usable and (not wanted or n in wanted)]
-    left_out = [f"ours:{n} skipped: {status[n].detail}" for n in timed if n != "torch" and not status[n].usable]
-    if device.type == "cpu":
-        left_out.append("ours:triton skipped: Triton runs on the CPU only under its interpreter, for tests")
-    return usable, left_out
 
 
 def _same(q, ref: dict) -> str:
@@ -32,32 +22,33 @@ def _same(q, ref: dict) -> str:
     return ""
 
 
+def _time(rows, log, device, budget, case, impl, fn, nbytes, **fields) -> float:
+    """Time fn into a row (Row `fields`: correct, note), appended and printed; its median ms."""
+    row = summarize(Row("quant", case, impl, **fields), time_fn(fn, device, budget), nbytes)
+    rows.append(row)
+    log_row(log, row)
+    return row.ms
+
+
 def run(device: torch.device, quick: bool, wanted: list[str] | None, log, rows: list[Row] | None = None
         ) -> tuple[list[Row], list[dict]]:
     """Rows go into `rows` when given (the caller keeps a stopped run's rows)."""
     shapes = (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[: 1 if quick else None]
     budget = 0.3 if quick else 1.0
     expect(log, len(shapes))
-    ours, missing = _backends(device, wanted)
-    for line in missing:
-        log(line)
+    ours = our_backends(device, wanted, log)
     bnbF = bitsandbytes_functional(log)
     rows, goals = ([] if rows is None else rows), []
     for shape in shapes:
         g = torch.Generator().manual_seed(0)
         w = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16).to(device)
-        ref = reference.quantize_nf4(w, 64, True)
-        ref_deq = reference.dequantize_nf4(
-            ref["packed"], ref["absmax"], shape, torch.bfloat16, 64, ref["nested_absmax"],
-            reference.dynamic_map(device), ref["offset"],
-        )
+        ref, ref_deq = reference_nf4(w)
         n = w.numel()
-        quant_bytes = 2 * n + n // 2 + n // 64 + 4 * (n // 64 // 256)  # bf16 in; packed + codes + scales out
+        quant_bytes = 2 * n + nf4_nbytes(n)  # bf16 in; packed + codes + scales out
         name = f"{shape[0]}x{shape[1]} bf16"
         times = {}
         for backend in ours:
-            lora_kernels.set_backend(backend)
-            try:
+            with using_backend(backend):
                 q = lora_kernels.quantize_nf4(w)
                 problem = _same(q, ref)
                 if not problem and not torch.equal(lora_kernels.dequantize_nf4(q), ref_deq):
@@ -67,26 +58,18 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, rows: 
                     log(f"ours:{backend} on {name} is WRONG ({problem}); not timed")
                     continue
                 for op, fn in (("quantize", lambda: lora_kernels.quantize_nf4(w)), ("dequantize", lambda: lora_kernels.dequantize_nf4(q))):
-                    row = summarize(Row("quant", f"{op} {name}", f"ours:{backend}", correct=True),
-                                    time_fn(fn, device, budget), quant_bytes)
-                    rows.append(row)
-                    times[(op, backend)] = row.ms
-                    log_row(log, row)
-            finally:
-                lora_kernels.set_backend(None)
+                    times[(op, backend)] = _time(rows, log, device, budget, f"{op} {name}", f"ours:{backend}", fn,
+                                                 quant_bytes, correct=True)
         if bnbF is not None:
-            packed, qs = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            packed, qs = bnb_quantize_nf4(bnbF, w)
             same = torch.equal(packed.reshape(-1).cpu(), ref["packed"].cpu()) and torch.equal(qs.absmax.cpu(), ref["absmax"].cpu())
             note = "bytes identical to ours" if same else "bytes differ from ours"
             for op, fn in (
-                ("quantize", lambda: bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")),
+                ("quantize", lambda: bnb_quantize_nf4(bnbF, w)),
                 ("dequantize", lambda: bnbF.dequantize_4bit(packed, qs)),
             ):
-                row = summarize(Row("quant", f"{op} {name}", "bitsandbytes", correct=same, note=note),
-                                time_fn(fn, device, budget), quant_bytes)
-                rows.append(row)
-                times[(op, "bnb")] = row.ms
-                log_row(log, row)
+                times[(op, "bnb")] = _time(rows, log, device, budget, f"{op} {name}", "bitsandbytes", fn, quant_bytes,
+                                           correct=same, note=note)
         goals += _goals(device, name, times, quant_bytes)
         advance(log, f"quant {name}")
     return rows, goals

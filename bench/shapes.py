@@ -49,3 +49,9 @@ def layer_cases(on_gpu: bool, quick: bool, shapes=None) -> list[tuple[str, tuple
     if on_gpu:
         return GPU_QUICK if quick else GPU_DEFAULT
     return CPU_QUICK if quick else CPU_DEFAULT
+
+
+def case_name(suite: str, label: str, shape: str, M: int) -> str:
+    """A layer suite's case name: 'forward Llama-3-8B 4096x4096 M=1', or without a label
+    'train 1024x1024 M=64'."""
+    return f"{suite} {(label + ' ') if label else ''}{shape} M={M}"
