@@ -46,7 +46,7 @@ STEP_CPU_CASES, STEP_CPU_QUICK_CASES = [("", (4096, 4096), 256)], [("", (1024, 1
 def routes_of(backend: str) -> tuple[str, ...]:
     """The routes `backend` offers (lora_kernels.set_route accepts them)."""
     # Not public API: the bench's only read of a lora_kernels internal (the route table).
-    return lora_kernels.ops.ROUTES[backend]
+    return lora_kernels.routes.ROUTES[backend]
 
 
 def our_backends(device: torch.device, wanted: list[str] | None, log) -> list[str]:

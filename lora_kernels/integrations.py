@@ -23,13 +23,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .modules import QLoRALinear, load_adapter_state_dict, lora_layers, replace_linear
+from .modules import (
+    PEFT_PREFIX,
+    QLoRALinear,
+    adapter_state_dict,
+    load_adapter_state_dict,
+    lora_layers,
+    replace_linear,
+    swap_modules,
+)
 from .nf4 import _QUANT_STATE_KEY, NF4Weight
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
 _ALIASES_KEY = "lora_kernels.aliases"
 
 
@@ -88,16 +95,11 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mo
         "lora_bias": False,
         "layer_replication": None,
     }
-    tensors = {k: t.detach().contiguous().cpu() for k, t in _adapter_tensors(layers).items()}
+    tensors = {k: t.detach().contiguous().cpu() for k, t in adapter_state_dict(model).items()}
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-
-
-def _adapter_tensors(layers: dict[str, QLoRALinear]) -> dict[str, torch.Tensor]:
-    return {f"{PEFT_PREFIX}{name}.{key}": t for name, layer in layers.items()
-            for key, t in layer.adapter_state_dict().items()}
 
 
 def _pattern_value(pattern: dict, name: str, default):
@@ -215,13 +217,6 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progres
 
 
 # ---- bitsandbytes models --------------------------------------------------------------------------
-def _swap(model: nn.Module, built: list[tuple[str, nn.Module]]) -> None:
-    for name, layer in built:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
-
-
 def from_bnb_model(model: nn.Module, **lora_kwargs) -> list[str]:
     """Swap every bitsandbytes `Linear4bit` (nf4) in the model for a QLoRALinear holding the same NF4
     bytes and scales (shared, not dequantized or copied), in place. Returns the swapped names.
@@ -246,7 +241,7 @@ def from_bnb_model(model: nn.Module, **lora_kwargs) -> list[str]:
         raise ValueError("the model has no bitsandbytes Linear4bit layers")
     for p in model.parameters():
         p.requires_grad_(False)
-    _swap(model, built)
+    swap_modules(model, built)
     return [name for name, _ in built]
 
 
@@ -260,7 +255,7 @@ def to_bnb_model(model: nn.Module) -> list[str]:
         warnings.warn(f"to_bnb_model drops the LoRA adapters of {len(trained)} layer(s) (e.g. {trained[0]}); "
                       "save them with save_peft_adapter first")
     built = [(name, layer.to_bnb()) for name, layer in layers.items()]
-    _swap(model, built)
+    swap_modules(model, built)
     return [name for name, _ in built]
 
 

@@ -24,6 +24,8 @@ from .nf4 import NF4Weight
 # the weight.
 _NF4_PARAM = "nf4_packed"
 _NF4_BUFFERS = ("nf4_absmax", "nf4_nested_absmax", "nf4_nested_code", "nf4_offset")
+# Where PEFT's saved adapter keys put a module path: base_model.model.<path>.lora_A.weight
+PEFT_PREFIX = "base_model.model."
 
 
 class QLoRALinear(nn.Module):
@@ -45,8 +47,8 @@ class QLoRALinear(nn.Module):
         lora_alpha: float = 32,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
-        blocksize: int = 64,
-        double_quant: bool = True,
+        blocksize: int | None = None,
+        double_quant: bool | None = None,
         compute_dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
         lora_dtype: torch.dtype = torch.float32,
@@ -65,12 +67,17 @@ class QLoRALinear(nn.Module):
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.lora_dropout = lora_dropout
         self.compute_dtype = compute_dtype
-        self.blocksize, self.double_quant = blocksize, double_quant
         if _weight is None:
             # A fresh layer: nn.Linear's initialisation, then quantized.
             dense = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
             nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
-            _weight = quantize_nf4(dense.to(compute_dtype), blocksize=blocksize, double_quant=double_quant)
+            _weight = quantize_nf4(dense.to(compute_dtype), blocksize=64 if blocksize is None else blocksize,
+                                   double_quant=True if double_quant is None else double_quant)
+        else:  # the weight's own format decides; a contradicting keyword is an error, not ignored
+            for key, asked, has in (("blocksize", blocksize, _weight.blocksize),
+                                    ("double_quant", double_quant, _weight.double_quant)):
+                if asked is not None and asked != has:
+                    raise ValueError(f"{key}={asked!r} was asked for, but the given weight has {key}={has!r}")
         self._set_weight(_weight)
         dev = self.nf4_packed.device
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=dev, dtype=lora_dtype))
@@ -381,29 +388,31 @@ def replace_linear(
     built = [(name, QLoRALinear.from_linear(mod, **dict(lora_kwargs))) for name, mod in iterator]
     for p in model.parameters():
         p.requires_grad_(False)
+    swap_modules(model, built)
+    return [name for name, _ in built]
+
+
+def swap_modules(model: nn.Module, built: list[tuple[str, nn.Module]]) -> None:
+    """Put each (dotted name, module) of `built` in the model in place of the module of that name."""
     for name, layer in built:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
-    return [name for name, _ in built]
 
 
 def lora_layers(model: nn.Module) -> dict[str, QLoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
 
 
-def adapter_state_dict(model: nn.Module, prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX) -> dict[str, torch.Tensor]:
     """Every QLoRALinear's adapter under PEFT's key names (`base_model.model.<path>.lora_A.weight`),
     the dict PEFT saves as adapter_model.safetensors."""
-    out = {}
-    for name, layer in lora_layers(model).items():
-        for key, t in layer.adapter_state_dict().items():
-            out[f"{prefix}{name}.{key}"] = t
-    return out
+    return {f"{prefix}{name}.{key}": t for name, layer in lora_layers(model).items()
+            for key, t in layer.adapter_state_dict().items()}
 
 
 def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
-                            prefix: str = "base_model.model.") -> None:
+                            prefix: str = PEFT_PREFIX) -> None:
     """Load PEFT-named adapter tensors into the model's QLoRALinear layers. Every key must name a
     layer of the model and every tensor must fit, or nothing is loaded (ValueError names them)."""
     layers = lora_layers(model)

@@ -34,6 +34,15 @@ def backend():
     lora_kernels.set_backend(saved)
 
 
+def randomize_lora(model, seed=1, scale=0.05):
+    """Random lora_B for every QLoRALinear of the model (a fresh layer's B is zero, which would hide
+    a wrong LoRA term); lora_A is already random."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_kernels.modules.lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
+
+
 def present_backends(device: str) -> list[str]:
     """The compiled and Triton backends usable for tensors on `device` (the reference is the oracle)."""
     status = lora_kernels.backends()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
+from conftest import randomize_lora
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -44,13 +45,6 @@ def _with_nf4_base(model, names, compute_dtype=torch.float32):
         with torch.no_grad():
             lin.weight.copy_(lk.dequantize_nf4(q).to(lin.weight.dtype))
     return ref
-
-
-def _randomize_lora(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lk.modules.lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
 
 
 def _linear_names(model, suffixes):
@@ -104,7 +98,7 @@ def test_ours_saved_adapter_loads_into_peft(tmp_path):
     lk.replace_linear(ours, ["query"], r=2, lora_alpha=4, compute_dtype=torch.float32, progress=False)
     lk.replace_linear(ours, ["key", "value", "intermediate.dense"], r=4, lora_alpha=8, compute_dtype=torch.float32,
                       progress=False)
-    _randomize_lora(ours)
+    randomize_lora(ours, scale=0.1)
     lk.save_peft_adapter(ours, tmp_path, base_model_name_or_path="tiny-bert")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
@@ -260,7 +254,7 @@ def test_bnb_refusals():
 
     trained = _bnb_model(dense)
     lk.from_bnb_model(trained)
-    _randomize_lora(trained)
+    randomize_lora(trained, scale=0.1)
     with pytest.warns(UserWarning, match="drops the LoRA adapters of 3 layer"):
         lk.to_bnb_model(trained)
 
@@ -280,7 +274,7 @@ def test_bnb_refusals():
 def _swapped_bert(seed):
     model = _tiny_bert(seed)
     lk.replace_linear(model, r=4, progress=False)
-    _randomize_lora(model, seed)
+    randomize_lora(model, seed, scale=0.1)
     return model
 
 
@@ -364,7 +358,7 @@ def test_adapter_trained_on_bnb_model_serves_with_peft_on_bitsandbytes(tmp_path)
     compute on both sides, differing in matmul rounding through 3 layers: 2**-6 of the output's scale."""
     model = _bnb_model(_mlp())
     lk.from_bnb_model(model, r=4, lora_alpha=8)
-    _randomize_lora(model)
+    randomize_lora(model, scale=0.1)
     lk.save_peft_adapter(model, tmp_path)
     x = torch.randn(6, 256, dtype=torch.bfloat16)
     with torch.no_grad():

@@ -12,18 +12,12 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import reference
+from conftest import randomize_lora
 
 
 def _mlp(seed=0, in_f=128, hidden=192, out_f=64):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(in_f, hidden), nn.GELU(), nn.Linear(hidden, out_f))
-
-
-def _randomize_lora(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lk.modules.lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
 
 
 class ReferenceQLoRA(nn.Module):
@@ -89,7 +83,7 @@ def test_replace_linear_swaps_targets_and_skips_tied_head():
 def test_state_dict_round_trip_is_exact():
     model = _mlp()
     lk.replace_linear(model, r=8, progress=False)
-    _randomize_lora(model)
+    randomize_lora(model)
     sd = model.state_dict()
     assert "0.weight.quant_state.bitsandbytes__nf4" in sd  # bitsandbytes' Linear4bit layout
     other = _mlp(seed=5)
@@ -118,7 +112,7 @@ def test_wrong_state_dict_is_refused_whole():
 def test_adapter_dict_round_trip_and_refusal():
     model = _mlp()
     lk.replace_linear(model, r=8, progress=False)
-    _randomize_lora(model)
+    randomize_lora(model)
     adapter = lk.adapter_state_dict(model)
     assert set(adapter) == {f"base_model.model.{i}.lora_{ab}.weight" for i in (0, 2) for ab in "AB"}
     other = _mlp()
@@ -137,7 +131,7 @@ def test_adapter_dict_round_trip_and_refusal():
 # ---- merge --------------------------------------------------------------------------------------
 def test_merge_is_lossless_and_requantize_reports_error():
     layer = lk.QLoRALinear(128, 64, r=8, compute_dtype=torch.float32)
-    _randomize_lora(nn.Sequential(layer))
+    randomize_lora(nn.Sequential(layer))
     x = torch.randn(5, 128)
     merged = layer.merge()
     assert isinstance(merged, nn.Linear) and merged.weight.dtype == torch.float32
@@ -204,7 +198,7 @@ def test_matches_peft_on_bitsandbytes_linear4bit():
 def test_compile_fullgraph_forward_backward():
     model = _mlp()
     lk.replace_linear(model, r=8, compute_dtype=torch.float32, progress=False)
-    _randomize_lora(model)
+    randomize_lora(model)
     x = torch.randn(6, 128)
     eager_y = model(x)
     eager_y.square().mean().backward()
@@ -222,7 +216,7 @@ def test_compile_fullgraph_forward_backward():
 def test_compile_inductor_inference():
     model = _mlp()
     lk.replace_linear(model, r=8, progress=False)
-    _randomize_lora(model)
+    randomize_lora(model)
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     with torch.no_grad():
         expected = model(x)
@@ -263,7 +257,7 @@ def test_gradient_checkpointing_autocast_and_to():
     from torch.utils.checkpoint import checkpoint
 
     layer = lk.QLoRALinear(128, 64, r=8)
-    _randomize_lora(nn.Sequential(layer))
+    randomize_lora(nn.Sequential(layer))
     x = torch.randn(4, 128, requires_grad=True)
     y = checkpoint(layer, x, use_reentrant=False)
     y.sum().backward()

@@ -1,0 +1,139 @@
+"""The route owner's promise: over random NF4 matmuls (x in bf16 / fp16 / fp32, M from 0 to 70,
+in_features a multiple of the blocksize or not, x and the packed bytes aligned or offset by a few
+elements, forward or transposed), the route that explain() names runs on every backend present,
+and so does the automatic choice, and both match the reference.
+
+The reference: W dequantized by the spec in x's dtype (as every kernel rounds it), the matmul,
+LoRA term and bias in float64."""
+
+import random
+
+import pytest
+import torch
+from conftest import present_backends
+
+import lora_kernels as lk
+from lora_kernels import _ops, reference
+
+CASES = 40
+BLOCKSIZE = 64
+# Allowed |out - reference|, as a fraction of the largest term that enters an output (|x|.|W|^T,
+# the LoRA term, the bias), with the reason: a 16-bit output is rounded once by a fused kernel and
+# up to three times by dequant_gemm (GEMM output, LoRA addmm, bias add), half an ulp each, at most
+# 2^-8 (bf16) / 2^-11 (fp16) of the largest term; fp16 x on the CPU's fused route multiplies fp32
+# weights instead of fp16-rounded ones (2^-11 each, summed over K at random signs). fp32: only the
+# summation order differs.
+RELATIVE_TOLERANCE = {torch.bfloat16: 4 * 2.0**-8, torch.float16: 4 * 2.0**-11, torch.float32: 1e-5}
+
+
+def _draw(index: int, device: str) -> dict:
+    rng = random.Random(1000 + index)
+    return dict(
+        dtype=rng.choice([torch.bfloat16, torch.float16, torch.float32]),
+        M=rng.choice([0, 1, 2, 3, 4, 5, 8, 16, 17, 33, 64, 70]) if index % 4 else rng.randint(0, 70),
+        out_features=rng.choice([48, 80, 96]),
+        in_features=rng.choice([128, 192]) if rng.random() < 0.6 else rng.choice([70, 100, 130]),
+        x_offset=rng.choice([0, 0, 1, 3]),  # elements: 1 and 3 leave x off a 16-byte boundary
+        packed_offset=rng.choice([0, 0, 1, 5]),  # bytes
+        transpose=rng.random() < 0.3,
+        rank=rng.choice([None, 1, 8]),
+        bias=rng.random() < 0.5,
+        seed=index,
+        device=device,
+    )
+
+
+def _offset_view(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """The same values, contiguous, starting `offset` elements into a larger buffer."""
+    flat = t.reshape(-1)
+    buffer = torch.empty(flat.numel() + offset, dtype=t.dtype, device=t.device)
+    buffer[offset:] = flat
+    return buffer[offset:].view(t.shape)
+
+
+def _problem(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    dtype, device = case["dtype"], case["device"]
+    rows, cols = case["out_features"], case["in_features"]
+    q = lk.quantize_nf4(torch.randn(rows, cols, generator=g), blocksize=BLOCKSIZE).to(device)
+    packed = _offset_view(q.packed, case["packed_offset"])
+    q = lk.NF4Weight(packed=packed, absmax=q.absmax, shape=q.shape, dtype=q.dtype, blocksize=BLOCKSIZE,
+                     nested_absmax=q.nested_absmax, nested_code=q.nested_code, offset=q.offset)
+    K, N = (rows, cols) if case["transpose"] else (cols, rows)
+    x = _offset_view(torch.randn(case["M"], K, generator=g).to(dtype).to(device), case["x_offset"])
+    left = right = None
+    if case["rank"]:
+        left = torch.randn(case["M"], case["rank"], generator=g).to(device)
+        right = (torch.randn(N, case["rank"], generator=g) * 0.1).to(device)
+    bias = torch.randn(N, generator=g).to(dtype).to(device) if case["bias"] else None
+    return q, x, left, right, bias
+
+
+def _reference(q, x, left, right, bias, transpose):
+    scales = reference.dequantize_absmax(q.absmax, q.nested_absmax, q.nested_code, q.offset)
+    w = reference.dequantize_nf4_blocks(q.packed, scales, q.blocksize, q.numel, x.dtype).view(q.shape).double()
+    w = w if transpose else w.t()
+    terms = [x.double() @ w]
+    if left is not None:
+        terms.append(0.5 * (left.double() @ right.double().t()))
+    if bias is not None:
+        terms.append(bias.double().expand_as(terms[0]))
+    scale = (x.double().abs() @ w.abs()).amax() if x.numel() else torch.tensor(0.0, dtype=torch.float64)
+    scale = max([float(scale)] + [float(t.abs().amax()) for t in terms[1:] if t.numel()] + [1e-30])
+    return sum(terms), scale
+
+
+def _params():
+    params = [pytest.param("cpu", name, id=f"cpu-{name}") for name in present_backends("cpu") + ["torch"]]
+    params += [pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.gpu) for name in ("cuda", "triton")]
+    return params
+
+
+@pytest.mark.parametrize("index", range(CASES))
+@pytest.mark.parametrize("device,backend_name", _params())
+def test_named_route_runs_and_matches_reference(device, backend_name, index, backend):
+    if backend_name == "triton" and device == "cpu" and index % 4:
+        pytest.skip("the Triton interpreter is slow: every fourth case")
+    backend(backend_name)
+    case = _draw(index, device)
+    q, x, left, right, bias = _problem(case)
+    rows, cols = q.shape
+    info = lk.explain(x, q, transpose=case["transpose"])
+    assert info["backend"] == backend_name and info["route"] in lk.routes.ROUTES[backend_name] and info["why"]
+    expected, scale = _reference(q, x, left, right, bias, case["transpose"])
+    args = (x, q.tensors, q.blocksize, rows, cols, case["transpose"], left, right, 0.5, bias)
+    named = torch.ops.lora_kernels.nf4_matmul(*args, info["route"])
+    automatic = _ops.nf4_matmul(*args)
+    for got in (named, automatic):
+        assert got.shape == expected.shape and got.dtype == x.dtype, (case, info)
+        err = (got.double() - expected).abs().amax().item() if got.numel() else 0.0
+        assert err <= RELATIVE_TOLERANCE[x.dtype] * scale, (case, info, err, scale)
+    assert torch.equal(named, automatic), (case, info)  # the dispatcher took the route explain() named
+
+
+def test_empty_batch_through_the_layer():
+    """An MoE expert that gets no tokens: x [0, in] through the layer, forward and backward."""
+    layer = lk.QLoRALinear(128, 96, r=4, compute_dtype=torch.bfloat16)
+    x = torch.randn(0, 128, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 96)
+    y.sum().backward()
+    assert x.grad.shape == (0, 128) and layer.lora_A.grad.abs().sum() == 0
+
+
+def test_explain_names_the_rule_the_kernel_would_break():
+    q = lk.quantize_nf4(torch.randn(48, 128))
+    x = _offset_view(torch.randn(2, 128, dtype=torch.bfloat16), 1)
+    forced = lk.get_backend()
+    try:
+        lk.set_backend("torch")
+        assert lk.explain(x, q)["route"] == "dequant_gemm"
+    finally:
+        lk.set_backend(forced)
+    # the CUDA rules, by their facts (no GPU needed to ask)
+    rules = lk.routes.BACKENDS["cuda"]
+    p = lk.routes.MatmulProblem("cuda", "sm_90", torch.bfloat16, 4, 48, 128, 64, False, True, False)
+    assert "16-byte" in rules.fused_problem(p)
+    assert "bf16 or fp16" in rules.fused_problem(p._replace(dtype=torch.float32, packed_aligned=True))
+    assert "rows" in rules.fused_problem(p._replace(M=17, packed_aligned=True))
+    assert rules.fused_problem(p._replace(packed_aligned=True)) is None
