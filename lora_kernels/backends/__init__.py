@@ -32,6 +32,16 @@ class MatmulProblem(NamedTuple):
     packed_aligned: bool  # so do the packed NF4 bytes
 
 
+def whole_block_rows_problem(p: MatmulProblem, kernel: str) -> str | None:
+    """The rule the fused C++ kernels share: a forward matmul whose weight rows hold whole blocks
+    (they read one scale a block and let no block straddle two rows)."""
+    if p.transpose:
+        return f"the {kernel} is forward-only (the backward's dx is a transposed matmul)"
+    if p.cols % p.blocksize:
+        return f"in_features {p.cols} is not a multiple of the blocksize {p.blocksize}"
+    return None
+
+
 from . import cpu, cuda, torch, triton  # noqa: E402
 
 BACKENDS = {"cuda": cuda, "triton": triton, "cpu": cpu, "torch": torch}

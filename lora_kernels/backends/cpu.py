@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Status, extension
+from . import Status, extension, whole_block_rows_problem
 
 NAME = "cpu"
 RUNS_ON = ("cpu",)
@@ -25,8 +25,4 @@ def status() -> Status:
 
 
 def fused_problem(p) -> str | None:
-    if p.transpose:
-        return "the fused CPU kernel is forward-only (the backward's dx is a transposed matmul)"
-    if p.cols % p.blocksize:
-        return f"in_features {p.cols} is not a multiple of the blocksize {p.blocksize}"
-    return None
+    return whole_block_rows_problem(p, "fused CPU kernel")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Status, extension
+from . import Status, extension, whole_block_rows_problem
 
 NAME = "cuda"
 RUNS_ON = ("cuda",)
@@ -28,10 +28,9 @@ def status() -> Status:
 
 
 def fused_problem(p) -> str | None:
-    if p.transpose:
-        return "the CUDA decode kernel is forward-only (the backward's dx is a transposed matmul)"
-    if p.cols % p.blocksize:
-        return f"in_features {p.cols} is not a multiple of the blocksize {p.blocksize}"
+    shared = whole_block_rows_problem(p, "CUDA decode kernel")
+    if shared:
+        return shared
     if p.dtype not in (torch.bfloat16, torch.float16):
         return f"the CUDA decode kernel takes bf16 or fp16 x, not {p.dtype}"
     if p.M > DECODE_MAX_ROWS:
