@@ -299,6 +299,19 @@ def test_bad_input_errors():
         lk.QLoRALinear.from_linear(bad)
 
 
+def test_format_keywords_must_agree_with_a_given_weight():
+    """A weight brings its own blocksize and double quantization; asking for others is an error, not
+    silently ignored."""
+    q = lk.quantize_nf4(torch.randn(64, 128), blocksize=64, double_quant=True)
+    with pytest.raises(ValueError, match="blocksize=128 was asked for, but the given weight has blocksize=64"):
+        lk.QLoRALinear(128, 64, blocksize=128, _weight=q)
+    with pytest.raises(ValueError, match="double_quant=False"):
+        lk.QLoRALinear(128, 64, double_quant=False, _weight=q)
+    layer = lk.QLoRALinear(128, 64, blocksize=64, _weight=q)
+    assert layer.blocksize == 64 and layer.double_quant
+    assert lk.QLoRALinear(128, 64, blocksize=128, double_quant=False).qweight.blocksize == 128
+
+
 @pytest.mark.gpu
 def test_x_on_another_device():
     layer = lk.QLoRALinear(128, 64, r=8)

@@ -1,5 +1,6 @@
-// The NF4 matmul's fused route on CUDA (the decode kernel): out [M, N] = x [M, K] . deq(W)^T + epilogue, for 1 <= M <= 16 (token
-// generation), reading the packed bytes and the block scales directly. Plain CUDA, no torch headers.
+// The NF4 matmul's fused route on CUDA, a decode kernel: out [M, N] = x [M, K] . deq(W)^T + epilogue,
+// for 1 <= M <= 16 (token generation), reading the packed bytes and the block scales directly. Plain
+// CUDA, no torch headers.
 //
 // Why this shape. With M this small the kernel is a stream over the packed weight (K / 2 bytes a
 // row): the arithmetic is a few operations a weight, so what decides the speed is (1) enough bytes
