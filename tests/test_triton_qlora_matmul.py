@@ -1,11 +1,13 @@
-"""triton_ops.qlora_matmul.nf4_linear against a plain PyTorch oracle, and its compile for sm_80/sm_90.
+"""triton_ops.qlora_matmul.nf4_matmul against a plain PyTorch oracle, and its compile for sm_80/sm_90.
 
-Oracle: W dequantized by the spec (reference.dequantize_nf4_blocks) and rounded once to x's dtype,
+Oracle: W dequantized by the spec (reference.dequantize_nf4_blocks, double-quantized scales decoded
+first by reference.dequantize_absmax) and rounded once to x's dtype,
 as the kernel must round it to feed tl.dot in that dtype on the GPU (for fp32 x this is the fp32
 dequantization itself); then matmul, LoRA and bias all in fp32, unrounded.
 
 Under the interpreter each program is about 1 ms per K step, and the interpreter config tiles
-16 x 32 x 32: the largest case here (M = 17, 130 x 70) is 2 x 5 = 10 programs of 5 K steps.
+16 x 32 x 32: the largest cases here (M = 17, 130 x 70; M = 17, 160 x 130) are 10 programs of 5
+K steps.
 """
 
 import pytest
@@ -15,13 +17,16 @@ from conftest import compile_triton_for_gpu
 pytest.importorskip("triton")
 
 from lora_kernels import reference  # noqa: E402
-from triton_ops.qlora_matmul import nf4_linear  # noqa: E402
+from triton_ops.qlora_matmul import nf4_matmul  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
 # (rows, cols, blocksize): aligned; blocks straddling rows (70 % 64); odd rows * cols with
 # straddling 32-blocks (33 * 45 = 1485); one block spanning many rows.
 SHAPES = [(64, 128, 64), (130, 70, 64), (33, 45, 32), (96, 192, 4096)]
+# double-quantized: 650 blocks of 32, i.e. three nested blocks of 256 scales, the last partial;
+# blocks straddle rows (130 % 32)
+DQ_SHAPES = SHAPES + [(160, 130, 32)]
 # epilogue: (lora rank or None, bias)
 EPILOGUES = [(None, False), (None, True), (1, False), (8, True)]
 
@@ -39,10 +44,15 @@ def tolerance(dtype, ref):
     return ulp * ref.abs() + 1e-5 * scale
 
 
-def make_case(rows, cols, blocksize, M, transpose, dtype, rank, with_bias, lora_dtype=torch.float32, seed=0):
+def make_case(rows, cols, blocksize, M, transpose, dtype, rank, with_bias, lora_dtype=torch.float32, seed=0,
+              double_quant=False):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
     packed, absmax = reference.quantize_nf4_blocks(w, blocksize)
+    weight = (packed, absmax, None, None, None)
+    if double_quant:
+        codes, nested_absmax, offset = reference.double_quantize(absmax)
+        weight = (packed, codes, nested_absmax, reference.dynamic_map(), offset)
     K, N = (rows, cols) if transpose else (cols, rows)
     x = torch.randn(M, K, generator=g).to(dtype)
     left = right = None
@@ -52,12 +62,15 @@ def make_case(rows, cols, blocksize, M, transpose, dtype, rank, with_bias, lora_
     bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
     on = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     return dict(
-        x=on(x), packed=on(packed), absmax=on(absmax), blocksize=blocksize, rows=rows, cols=cols,
+        x=on(x), weight=tuple(on(t) for t in weight), blocksize=blocksize, rows=rows, cols=cols,
         transpose=transpose, lora_left=on(left), lora_right=on(right), lora_scaling=0.5, bias=on(bias),
     )
 
 
-def oracle(x, packed, absmax, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias):
+def oracle(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias):
+    packed, absmax, nested_absmax, nested_code, offset = weight
+    if nested_absmax is not None:
+        absmax = reference.dequantize_absmax(absmax, nested_absmax, nested_code, offset)
     w = reference.dequantize_nf4_blocks(packed, absmax, blocksize, rows * cols, x.dtype).float()
     w = w.reshape(rows, cols)
     out = x.float() @ (w if transpose else w.T)
@@ -69,7 +82,7 @@ def oracle(x, packed, absmax, blocksize, rows, cols, transpose, lora_left, lora_
 
 
 def check(case):
-    got = nf4_linear(**case)
+    got = nf4_matmul(**case)
     want = oracle(**case)
     x = case["x"]
     assert got.dtype == x.dtype and got.shape == want.shape
@@ -88,6 +101,15 @@ def test_matches_oracle(M, rows, cols, blocksize, transpose, dtype):
     index = (SHAPES.index((rows, cols, blocksize)) + [1, 3, 17].index(M) + transpose) % len(EPILOGUES)
     rank, with_bias = EPILOGUES[index]
     check(make_case(rows, cols, blocksize, M, transpose, dtype, rank, with_bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("transpose", [False, True], ids=["fwd", "dx"])
+@pytest.mark.parametrize("rows,cols,blocksize", DQ_SHAPES)
+def test_double_quant_matches_oracle(rows, cols, blocksize, transpose, dtype):
+    """Double-quantized scales decoded in the kernel, every epilogue in turn."""
+    rank, with_bias = EPILOGUES[(DQ_SHAPES.index((rows, cols, blocksize)) + transpose) % len(EPILOGUES)]
+    check(make_case(rows, cols, blocksize, 17, transpose, dtype, rank, with_bias, double_quant=True))
 
 
 @pytest.mark.parametrize("rank,with_bias", EPILOGUES, ids=lambda v: str(v))
@@ -114,19 +136,27 @@ def test_mixed_lora_dtypes():
     check(case)
 
 
-def test_strided_inputs():
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_strided_inputs(double_quant):
     """Stride-0 and transposed views are made contiguous, not read as garbage."""
-    case = make_case(64, 128, 64, 3, False, torch.float32, 8, True)
+    case = make_case(64, 128, 64, 3, False, torch.float32, 8, True, double_quant=double_quant)
     case["x"] = case["x"][:1].expand(3, -1)  # stride 0 along M
     case["lora_left"] = case["lora_left"].t().contiguous().t()  # column-major
     case["bias"] = case["bias"][:1].expand(64)
+    packed, absmax, nested_absmax, nested_code, offset = case["weight"]
+    absmax = absmax[:1].expand(absmax.shape)  # every block the first block's scale (or code)
+    if double_quant:
+        nested_absmax = nested_absmax[:1].expand(nested_absmax.shape)
+    case["weight"] = (packed, absmax, nested_absmax, nested_code, offset)
     check(case)
 
 
-def test_empty_batch():
-    case = make_case(64, 128, 64, 1, False, torch.bfloat16, None, False)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_empty_batch(double_quant):
+    case = make_case(64, 128, 64, 1, False, torch.bfloat16, None, False, double_quant=double_quant)
     case["x"] = case["x"][:0]
-    assert nf4_linear(**case).shape == (0, 64)
+    got = nf4_matmul(**case)
+    assert got.shape == (0, 64) and got.dtype == torch.bfloat16
 
 
 # ---- compile for real GPUs without one -------------------------------------------------------
@@ -139,25 +169,28 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton_ops import qlora_matmul
+from triton_ops._nf4 import compile_options
 
 kernel = qlora_matmul._nf4_matmul_kernel.fn  # the jitted function under @triton.autotune
 
-def compile_ptx(dtype, arch, bm, bn, bk, warps, stages, fixed):
+def compile_ptx(dtype, arch, bm, bn, bk, warps, stages, fixed, double_quant=False):
     ptr = f"*{dtype}"
     signature = {
-        "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+        "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
+        "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32",
         "lora_left_ptr": ptr, "lora_right_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr,
         "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", "stride_wk": "i32", "stride_wn": "i32",
         "rank": "i32", "lora_scaling": "fp32",
     }
     constexprs = dict(
-        BS=64, HAS_LORA=True, HAS_BIAS=True, DOT_FP32=dtype == "fp32", INTERPRET=False,
+        BS=64, DOUBLE_QUANT=double_quant, HAS_LORA=True, HAS_BIAS=True, DOT_FP32=dtype == "fp32", INTERPRET=False,
         LORA_DOT_FP32=dtype == "fp32", BLOCK_R=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
     )
     constexprs.update(fixed)  # a stride of 1 is specialized at launch, as Triton does for ints equal to 1
     signature.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages, **compile_options(double_quant)}
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return k.asm["ptx"]
 
 def summary(ptx):
@@ -171,6 +204,8 @@ for arch in ARCHS:
     for name, fixed in (("fwd", {"stride_wk": 1}), ("dx", {"stride_wn": 1})):
         out[f"bf16-large-{name}-{arch}"] = summary(compile_ptx("bf16", arch, 64, 128, 64, 4, 3, fixed))
     out[f"bf16-small-fwd-{arch}"] = summary(compile_ptx("bf16", arch, 16, 64, 128, 4, 4, {"stride_wk": 1}))
+    dq = compile_ptx("bf16", arch, 64, 128, 64, 4, 3, {"stride_wk": 1}, double_quant=True)
+    out[f"bf16-large-fwd-dq-{arch}"] = summary(dq)
     out[f"fp32-large-fwd-{arch}"] = summary(compile_ptx("fp32", arch, 64, 64, 64, 4, 3, {"stride_wk": 1}))
 print(json.dumps(out))
 """
@@ -182,7 +217,7 @@ def compiled():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("variant", ["bf16-large-fwd", "bf16-large-dx", "bf16-small-fwd"])
+@pytest.mark.parametrize("variant", ["bf16-large-fwd", "bf16-large-dx", "bf16-small-fwd", "bf16-large-fwd-dq"])
 def test_bf16_kernel_compiles_to_tensor_cores(compiled, variant, arch):
     ops = compiled[f"{variant}-{arch}"]
     assert any("bf16" in op for op in ops["mma"]), ops  # bf16 operands on tensor cores, not FMA loops

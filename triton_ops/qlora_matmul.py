@@ -1,10 +1,12 @@
 """NF4 matmul with a fused LoRA + bias epilogue, in Triton. The QLoRA linear layer in one kernel.
 
-W is an NF4 matrix [rows, cols] (rows = out_features, cols = in_features) stored as in
-lora_kernels/reference.py: flattened row-major, cut into blocks of `blocksize` along the flat
-index, two 4-bit codes a byte (bitsandbytes 0.50: first element in the high nibble), one fp32
-absmax per block. Element (i, j) has flat index f = i * cols + j and value
-NF4_VALUES[code(f)] * absmax[f // blocksize].
+W is an NF4 matrix [rows, cols] (rows = out_features, cols = in_features) stored as the spec
+(reference.py) stores it: flattened row-major, cut into blocks of `blocksize` along the flat
+index, two 4-bit codes a byte (bitsandbytes 0.50: first element in the high nibble), one scale
+per block. Element (i, j) has flat index f = i * cols + j and value
+NF4_VALUES[code(f)] * scale[f // blocksize], where the scale is an fp32 absmax, or, double-quantized
+(DOUBLE_QUANT), fp32(fp32(nested_code[absmax[b]] * nested_absmax[b // 256]) + offset) decoded in
+the K loop with two roundings (launched without fp fusion, see _nf4.compile_options).
 
     forward   (transpose=False): out[M, rows] = x[M, cols] @ deq(W).T   (K = cols, N = rows)
     dx        (transpose=True):  out[M, cols] = x[M, rows] @ deq(W)     (K = rows, N = cols)
@@ -18,12 +20,13 @@ Tiling: a program owns a [BLOCK_M, BLOCK_N] output tile (programs ordered in gro
 row tiles, so neighbours reuse the same W columns from L2). Its K loop loads a [BLOCK_M, BLOCK_K]
 tile of x and, for W, gathers one byte per element (flat // 2), picks the nibble by the parity of
 flat, looks the code up in the 16-entry NF4 table (a gather that stays in L1) and multiplies by
-the block's absmax (gathered per element: blocks may straddle rows when cols % blocksize != 0, and
-flat // blocksize is right in every case). The tile is rounded once to x's dtype, exactly as
-dequantize_nf4_blocks(..., dtype=x.dtype) would round it, and fed to tl.dot with an fp32
-accumulator. After the loop, the LoRA term is a second tl.dot over the rank, tiled in BLOCK_R
-chunks (r padded to a power of two, at least 16 for tl.dot), added with bias to the fp32
-accumulator, and the result is rounded to x's dtype once, in the store.
+the block's scale (gathered per element: blocks may straddle rows when cols % blocksize != 0, and
+flat // blocksize is right in every case; double-quantized, the code, the nested absmax and the
+256-entry map are three more gathers, all from small tables). The tile is rounded once to x's
+dtype, exactly as dequantize_nf4_blocks(..., dtype=x.dtype) would round it, and fed to tl.dot
+with an fp32 accumulator. After the loop, the LoRA term is a second tl.dot over the rank, tiled
+in BLOCK_R chunks (r padded to a power of two, at least 16 for tl.dot), added with bias to the
+fp32 accumulator, and the result is rounded to x's dtype once, in the store.
 
 On the GPU the main dot takes x's dtype (bf16/fp16 on tensor cores; fp32 x with
 input_precision="ieee", as torch's default fp32 matmul, not tf32). The LoRA dot takes the
@@ -37,17 +40,14 @@ constexpr, compiled out on the GPU); and autotune gets a single config (several 
 
 from __future__ import annotations
 
-import os
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from lora_kernels import reference
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._nf4 import compile_options, nf4_code
+from .quant import _block_scale, _interpreting, _round_to
 
 
 def _configs() -> list[triton.Config]:
@@ -88,19 +88,6 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs  # the single interpreter config must survive
 
 
-@triton.jit
-def _round_to(v, ty: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """fp32 -> ty, rounded to nearest even. The interpreter truncates fp32 -> bf16 (numpy has no
-    bf16), which would bias every dequantized weight toward zero; there we round the bits first,
-    so the cast that follows is exact. Finite inputs only."""
-    if EMULATE_RNE:
-        if ty == tl.bfloat16:
-            bits = v.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            v = bits.to(tl.float32, bitcast=True)
-    return v.to(ty)
-
-
 @triton.autotune(
     configs=_configs(),
     # stride_wk tells forward (1) from dx (cols): their W access patterns differ. The autotuner
@@ -112,7 +99,10 @@ def _round_to(v, ty: tl.constexpr, EMULATE_RNE: tl.constexpr):
 def _nf4_matmul_kernel(
     x_ptr,  # [M, K] contiguous, bf16 / fp16 / fp32
     packed_ptr,  # uint8 [ceil(rows * cols / 2)]
-    absmax_ptr,  # fp32 [ceil(rows * cols / BS)]
+    absmax_ptr,  # fp32 [nblocks = ceil(rows * cols / BS)], or uint8 codes [nblocks] when DOUBLE_QUANT
+    nested_absmax_ptr,  # fp32 [ceil(nblocks / 256)], read only when DOUBLE_QUANT
+    nested_code_ptr,  # fp32 [256], read only when DOUBLE_QUANT
+    offset_ptr,  # fp32 [] (one value), read only when DOUBLE_QUANT
     code_ptr,  # fp32 [16], NF4_VALUES
     lora_left_ptr,  # [M, rank] contiguous (any float dtype), unused unless HAS_LORA
     lora_right_ptr,  # [N, rank] contiguous, unused unless HAS_LORA
@@ -127,6 +117,7 @@ def _nf4_matmul_kernel(
     rank,
     lora_scaling,
     BS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,  # main dot on fp32 operands (interpreter, or x is fp32)
@@ -171,8 +162,10 @@ def _nf4_matmul_kernel(
         # bitsandbytes 0.50: the even (first) element of a pair sits in the high nibble
         code = tl.where((flat % 2) == 0, byte >> 4, byte & 0xF)
         value = tl.load(code_ptr + code)
-        # masked lanes read absmax 0, so they hold NF4 * 0 = 0 and add nothing to the dot
-        scale = tl.load(absmax_ptr + flat // BS, mask=w_mask, other=0.0)
+        # masked lanes get scale 0, so they hold NF4 * 0 = 0 and add nothing to the dot
+        scale = _block_scale(
+            absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, flat // BS, w_mask, DOUBLE_QUANT
+        )
         # one rounding to x's dtype, as dequantize_nf4_blocks(..., dtype=x.dtype) rounds
         w = _round_to(value * scale, x_ty, INTERPRET)
         if DOT_FP32:
@@ -209,10 +202,9 @@ def _nf4_matmul_kernel(
     tl.store(out, _round_to(acc, out_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def nf4_linear(
+def nf4_matmul(
     x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
+    weight: Sequence[torch.Tensor | None],
     blocksize: int,
     rows: int,
     cols: int,
@@ -226,12 +218,18 @@ def nf4_linear(
     lora_scaling * lora_left @ lora_right.T and bias, accumulated in fp32, rounded once to x.dtype.
 
     x: [M, cols] forward, [M, rows] transposed; bf16 / fp16 / fp32.
-    packed: uint8 [ceil(rows * cols / 2)]; absmax: fp32 [ceil(rows * cols / blocksize)] (decoded).
+    weight: (packed, absmax, nested_absmax, nested_code, offset): packed uint8 [ceil(rows * cols / 2)];
+    absmax fp32 [nblocks = ceil(rows * cols / blocksize)] and the last three None, or
+    double-quantized: absmax uint8 codes [nblocks], nested_absmax fp32 [ceil(nblocks / 256)],
+    nested_code fp32 [256], offset fp32 [] (decoded in the kernel, two roundings as the spec).
     lora_left: [M, r], lora_right: [N, r] (N = rows forward, cols transposed), any float dtype, or
     both None. bias: [N] in x.dtype or None. Returns [M, N] in x.dtype.
     The caller validates; only the assumptions the kernel relies on are asserted.
     """
+    packed, absmax, nested_absmax, nested_code, offset = weight
+    double_quant = nested_absmax is not None
     assert x.dim() == 2 and blocksize & (blocksize - 1) == 0
+    assert double_quant == (absmax.dtype == torch.uint8)
     K, N = (rows, cols) if transpose else (cols, rows)
     stride_wk, stride_wn = (cols, 1) if transpose else (1, cols)
     M = x.shape[0]
@@ -244,6 +242,11 @@ def nf4_linear(
     x = x.contiguous()
     packed = packed.contiguous()
     absmax = absmax.contiguous()
+    if double_quant:
+        nested_absmax = nested_absmax.contiguous()
+        nested_code = nested_code.contiguous()
+    else:  # never read: DOUBLE_QUANT is False
+        nested_absmax = nested_code = offset = absmax
     interpreting = _interpreting()
 
     has_lora = lora_left is not None
@@ -269,7 +272,10 @@ def nf4_linear(
         x,
         packed,
         absmax,
-        reference.nf4_code(x.device),
+        nested_absmax,
+        nested_code,
+        offset,
+        nf4_code(x.device),
         lora_left,
         lora_right,
         bias if bias is not None else x,
@@ -283,11 +289,13 @@ def nf4_linear(
         rank,
         float(lora_scaling),
         BS=blocksize,
+        DOUBLE_QUANT=double_quant,
         HAS_LORA=has_lora,
         HAS_BIAS=bias is not None,
         DOT_FP32=interpreting or x.dtype == torch.float32,
         INTERPRET=interpreting,
         LORA_DOT_FP32=lora_dot_fp32,
         BLOCK_R=block_r,
+        **compile_options(double_quant),
     )
     return out

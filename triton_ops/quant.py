@@ -1,21 +1,41 @@
-"""NF4 quantize / dequantize in Triton. Same contracts as lora_kernels/reference.py.
+"""NF4 quantize / dequantize in Triton. Same contracts as the pure-PyTorch spec (reference.py).
 
 quantize: one program owns BLOCKS whole quantization blocks as a [BLOCKS, BS / 2] tile of element
 pairs (even and odd elements loaded separately, so each pair packs into one byte in registers).
-dequantize: one program turns BYTES packed bytes into 2 * BYTES outputs. Double-quantized scales
-are decoded first by the reference (numel / blocksize values), which keeps their two fp32
-roundings exact: inside a kernel the compiler may fuse the multiply and add.
+dequantize: one program turns BYTES packed bytes into 2 * BYTES outputs, decoding each byte's block
+scale in the same pass: fp32 absmax, or (DOUBLE_QUANT) a uint8 code into the 256-entry nested map
+times its nested absmax plus the offset, two fp32 roundings (launched without fp fusion, see
+_nf4.compile_options).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from lora_kernels import reference
+from ._nf4 import NESTED_BLOCKSIZE, NF4_MIDPOINTS, compile_options, nf4_code
 
-_M = [float(v) for v in reference.nf4_midpoints().tolist()]  # exact fp32 values as Python floats
+_NESTED_BLOCKSIZE = tl.constexpr(NESTED_BLOCKSIZE)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _round_to(v, ty: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """fp32 -> ty, rounded to nearest even. The interpreter truncates fp32 -> bf16 (numpy has no
+    bf16), which would bias every dequantized weight toward zero; there we round the bits first,
+    so the cast that follows is exact. Finite inputs only."""
+    if EMULATE_RNE:
+        if ty == tl.bfloat16:
+            bits = v.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            v = bits.to(tl.float32, bitcast=True)
+    return v.to(ty)
 
 
 @triton.jit
@@ -41,7 +61,7 @@ def _nf4_encode(x):
 
 
 # The midpoints as module-level constexprs the jitted function can read.
-for _i, _v in enumerate(_M):
+for _i, _v in enumerate(NF4_MIDPOINTS):
     globals()[f"_M{_i}"] = tl.constexpr(_v)
 
 
@@ -76,17 +96,52 @@ def _quantize_kernel(w_ptr, packed_ptr, absmax_ptr, n, BS: tl.constexpr, BLOCKS:
 
 
 @triton.jit
-def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BS: tl.constexpr, BYTES: tl.constexpr):
+def _block_scale(
+    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask, DOUBLE_QUANT: tl.constexpr
+):
+    """The fp32 scale of each block in `block` (int64, any shape); 0 where masked.
+
+    DOUBLE_QUANT: absmax_ptr holds uint8 codes; the scale is
+    fp32(fp32(nested_code[code] * nested_absmax[block // 256]) + offset), rounded twice as
+    bitsandbytes rounds it. The caller launches without fp fusion so the two stay apart."""
+    if DOUBLE_QUANT:
+        code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // _NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        scale = tl.load(nested_code_ptr + code) * nested
+        scale = scale + tl.load(offset_ptr)
+        return tl.where(mask, scale, 0.0)
+    else:
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dequantize_kernel(
+    packed_ptr,  # uint8 [ceil(n / 2)]
+    absmax_ptr,  # fp32 [nblocks], or uint8 codes [nblocks] when DOUBLE_QUANT
+    nested_absmax_ptr,  # fp32 [ceil(nblocks / 256)], read only when DOUBLE_QUANT
+    nested_code_ptr,  # fp32 [256], read only when DOUBLE_QUANT
+    offset_ptr,  # fp32 [] (one value), read only when DOUBLE_QUANT
+    code_ptr,  # fp32 [16], the NF4 values
+    out_ptr,  # [n], bf16 / fp16 / fp32
+    n,
+    BS: tl.constexpr,
+    BYTES: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    INTERPRET: tl.constexpr,  # running under TRITON_INTERPRET=1: emulate bf16 rounding
+):
     pid = tl.program_id(0).to(tl.int64)
     j = pid * BYTES + tl.arange(0, BYTES).to(tl.int64)
     nbytes = (n + 1) // 2
     byte = tl.load(packed_ptr + j, mask=j < nbytes, other=0).to(tl.int32)
-    scale = tl.load(absmax_ptr + (2 * j) // BS, mask=j < nbytes, other=0.0)
+    # both elements of a byte share a block: BS is even
+    scale = _block_scale(
+        absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, (2 * j) // BS, j < nbytes, DOUBLE_QUANT
+    )
     v0 = tl.load(code_ptr + (byte >> 4)) * scale
     v1 = tl.load(code_ptr + (byte & 0xF)) * scale
     ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + 2 * j, v0.to(ty), mask=2 * j < n)
-    tl.store(out_ptr + 2 * j + 1, v1.to(ty), mask=2 * j + 1 < n)
+    tl.store(out_ptr + 2 * j, _round_to(v0, ty, INTERPRET), mask=2 * j < n)
+    tl.store(out_ptr + 2 * j + 1, _round_to(v1, ty, INTERPRET), mask=2 * j + 1 < n)
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,15 +155,42 @@ def quantize_nf4(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.T
     return packed, absmax
 
 
-def dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, blocksize, numel, dtype):
-    """Same arguments as the op lora_kernels::dequantize_nf4; returns flat [numel] in dtype."""
-    if nested_absmax is not None:
-        absmax = reference.dequantize_absmax(absmax, nested_absmax, nested_code, offset)
+def dequantize_nf4(weight, blocksize: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """weight -> flat [numel] in dtype (bf16 / fp16 / fp32), each value rounded once from fp32.
+
+    weight: (packed uint8 [ceil(numel / 2)], absmax, nested_absmax, nested_code, offset), where
+    absmax is fp32 [nblocks] and the last three are None, or absmax is uint8 codes [nblocks],
+    nested_absmax fp32 [ceil(nblocks / 256)], nested_code fp32 [256] and offset fp32 [].
+    The caller validates; only the assumptions the kernel relies on are asserted.
+    """
+    packed, absmax, nested_absmax, nested_code, offset = weight
+    double_quant = nested_absmax is not None
+    assert blocksize % 2 == 0 and double_quant == (absmax.dtype == torch.uint8)
     out = torch.empty(numel, dtype=dtype, device=packed.device)
+    if numel == 0:
+        return out
+    packed = packed.contiguous()
+    absmax = absmax.contiguous()
+    if double_quant:
+        nested_absmax = nested_absmax.contiguous()
+        nested_code = nested_code.contiguous()
+    else:  # never read: DOUBLE_QUANT is False
+        nested_absmax = nested_code = offset = absmax
     nbytes = (numel + 1) // 2
     block_bytes = 1024
-    code = reference.nf4_code(packed.device)
     _dequantize_kernel[(triton.cdiv(nbytes, block_bytes),)](
-        packed, absmax, code, out, numel, BS=blocksize, BYTES=block_bytes
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        nf4_code(packed.device),
+        out,
+        numel,
+        BS=blocksize,
+        BYTES=block_bytes,
+        DOUBLE_QUANT=double_quant,
+        INTERPRET=_interpreting(),
+        **compile_options(double_quant),
     )
     return out
