@@ -20,6 +20,7 @@ nested_code, offset] (`NF4Weight.tensors`; the last three None for plain fp32 sc
         lora_left [M, r], lora_right [N, r] (N = the output width), bias [N]; route "fused" or "dequant_gemm".
     qlora_linear(x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, bias) -> (y, xa)
         the QLoRA layer with autograd; see `qlora_linear` below.
+    qlora_linear_dx(dy, weight, blocksize, out_features, in_features, g, lora_A) -> dx, its input gradient.
 
 Inputs are validated once, by the public functions in `api.py`; kernels assume valid input and
 refuse only what no caller should send.
@@ -119,6 +120,29 @@ def _(x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, b
     return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype)
 
 
+@torch.library.custom_op("lora_kernels::qlora_linear_dx", mutates_args=())
+def qlora_linear_dx(
+    dy: torch.Tensor,
+    weight: list[torch.Tensor | None],
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    g: torch.Tensor | None,
+    lora_A: torch.Tensor,
+) -> torch.Tensor:
+    """The layer's input gradient, dx = dy . deq(W) + g . A (g = scaling * dy . B [M, r], or None
+    for no LoRA term), the LoRA term in the matmul's epilogue. dy: [M, out] contiguous. An op of
+    its own so that a compiled backward chooses the matmul's route when it runs, not when traced."""
+    if g is None:
+        return nf4_matmul(dy, weight, blocksize, out_features, in_features, True)
+    return nf4_matmul(dy, weight, blocksize, out_features, in_features, True, g, lora_A.t().contiguous(), 1.0)
+
+
+@qlora_linear_dx.register_fake
+def _(dy, weight, blocksize, out_features, in_features, g, lora_A):
+    return dy.new_empty((dy.shape[0], in_features))
+
+
 _NEEDS_X, _NEEDS_LORA_INPUT, _NEEDS_A, _NEEDS_B, _NEEDS_BIAS = 0, 1, 5, 6, 8  # argument positions
 
 
@@ -150,12 +174,9 @@ def _qlora_backward(ctx, dy, _dxa):
     # [out, in] or [M, out] temporary is made for them.
     g = (dy_lora @ lora_B) * ctx.scaling
     dx = d_lora_input = d_a = d_b = d_bias = None
-    shape = (ctx.blocksize, ctx.out_features, ctx.in_features)
-    if needs[_NEEDS_X]:
-        if ctx.lora_on_x:  # dx = dy . deq(W) + g . A, the LoRA term in the kernel's epilogue
-            dx = nf4_matmul(dy, weight, *shape, True, g, lora_A.t().contiguous(), 1.0, None)
-        else:
-            dx = nf4_matmul(dy, weight, *shape, True)
+    if needs[_NEEDS_X]:  # dx = dy . deq(W) (+ g . A when the LoRA branch reads x itself)
+        dx = qlora_linear_dx(dy, weight, ctx.blocksize, ctx.out_features, ctx.in_features,
+                             g if ctx.lora_on_x else None, lora_A)
     if needs[_NEEDS_LORA_INPUT]:
         d_lora_input = (g @ lora_A).to(ctx.lora_input_dtype)
     if needs[_NEEDS_A]:

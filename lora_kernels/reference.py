@@ -182,7 +182,10 @@ def quantize_blockwise_8bit(
     normed = (blocks * inverse[:, None]).clamp(-1, 1)
     # Each fp32 step rounded separately: ((v + 1) * 0.5) * 65535 + 0.5, then truncated.
     index = (((normed + 1.0) * 0.5) * float(LUT_SIZE - 1) + 0.5).to(torch.int64)
-    lut = dynamic_map_lut(x.device) if code is None else _dynamic_map_lut(code.float().cpu()).to(x.device)
+    if code is None or code is _per_device.get(("dynamic_map", x.device)):  # the default map: its cached table
+        lut = dynamic_map_lut(x.device)
+    else:
+        lut = _dynamic_map_lut(code.float().cpu()).to(x.device)
     codes = lut[index.clamp(0, LUT_SIZE - 1)]
     codes = torch.where((absmax == 0)[:, None], torch.zeros_like(codes), codes)
     return codes.reshape(-1)[:n], absmax

@@ -140,9 +140,10 @@ def _register_defaults() -> torch.library.Library:
     kernels where the extension has them); on CUDA without the extension, Triton if usable."""
     from . import backends as _backends
 
+    _backend_status()  # what the extension registered, asked before anything of ours is
     lib = torch.library.Library("lora_kernels", "IMPL")
     _register(lib, "torch", "CompositeExplicitAutograd")
-    if not _backends.extension.has_kernels("CUDA") and "triton" in _usable_backends() and torch.cuda.is_available():
+    if torch.cuda.is_available() and not _backends.extension.has_kernels("CUDA") and "triton" in _usable_backends():
         _register(lib, "triton", "CUDA")
     return lib
 
@@ -167,7 +168,7 @@ def get_route() -> str | None:
 
 @torch.compiler.assume_constant_result
 def _arch(device: torch.device) -> str:
-    if device.type != "cuda":
+    if device.type != "cuda" or not torch.cuda.is_available():  # explain() may ask about CUDA anywhere
         return "default"
     return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -203,10 +204,12 @@ def choose_route(backend: str, p: MatmulProblem) -> tuple[str, str]:
 
 def _aligned(t: torch.Tensor) -> bool:
     """Whether t's data starts on a 16-byte boundary; False for a traced tensor, which has no data
-    (compile traces only the backward's matmuls, and no route of a transposed matmul asks)."""
+    (the layer's ops choose their routes when they run, so only a direct caller traces this)."""
+    if torch.compiler.is_compiling():
+        return False
     try:
         return t.data_ptr() % 16 == 0
-    except RuntimeError:
+    except (RuntimeError, TypeError):  # a fake tensor, traced outside dynamo
         return False
 
 
@@ -235,7 +238,7 @@ def explain(device_or_x, M_or_weight, in_features: int | None = None, blocksize:
     if isinstance(device_or_x, torch.Tensor):
         x, q = device_or_x, M_or_weight
         rows, cols = q.shape
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # as qlora_linear passes it on
         backend, route, why = _decide(x2, q.tensors, q.blocksize, rows, cols, transpose)
         return {"backend": backend, "route": route, "why": why}
     device = torch.device(device_or_x)

@@ -181,6 +181,8 @@ def _matmul_samples():
          (x.clone().requires_grad_(), None, weight, 64, 48, A, B, 0.5, bias)),
         (torch.ops.lora_kernels.qlora_linear.default,
          (x, torch.randn(5, 128, dtype=torch.bfloat16), weight, 64, 48, A, B, 2.0, None)),
+        (torch.ops.lora_kernels.qlora_linear_dx.default,
+         (torch.randn(5, 48, dtype=torch.bfloat16), weight, 64, 48, 128, torch.randn(5, 4), A.detach())),
     ]
     if lora_kernels.backends()["cpu"].usable:
         xa = torch.randn(5, 4)
@@ -193,7 +195,7 @@ def _matmul_samples():
     return samples
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_opcheck_matmul(index):
     samples = _matmul_samples()
     if index >= len(samples):

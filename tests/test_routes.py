@@ -137,3 +137,27 @@ def test_explain_names_the_rule_the_kernel_would_break():
     assert "bf16 or fp16" in rules.fused_problem(p._replace(dtype=torch.float32, packed_aligned=True))
     assert "rows" in rules.fused_problem(p._replace(M=17, packed_aligned=True))
     assert rules.fused_problem(p._replace(packed_aligned=True)) is None
+
+
+def test_compiled_backward_chooses_its_route_when_it_runs(backend):
+    """A compiled training step traced on one backend and run on another: the backward's dx takes
+    the route of the backend that runs it (a route fixed when traced would be refused: Triton has
+    only "fused", the CPU kernels take a transposed matmul only on "dequant_gemm")."""
+    if not lk.backends()["triton"].usable:
+        pytest.skip("triton not usable here")
+    torch.manual_seed(0)
+    layer = lk.QLoRALinear(64, 48, r=4, compute_dtype=torch.float32)
+    x = torch.randn(2, 64, requires_grad=True)
+
+    def step(x):
+        return layer(x).square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    grads = {}
+    for name in ("triton", "torch", None):
+        backend(name)
+        x.grad = None
+        compiled(x).backward()
+        grads[name] = x.grad.clone()
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-5, atol=1e-5)  # fp32: summation order
+    torch.testing.assert_close(grads[None], grads["torch"], rtol=1e-5, atol=1e-5)

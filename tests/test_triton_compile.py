@@ -24,7 +24,8 @@ import collections, json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton_ops import qlora_matmul, quant
+import triton_ops.nf4_matmul as matmul_module
+from triton_ops import quant
 from triton_ops._nf4 import compile_options
 
 def compile_kernel(fn, signature, constexprs, arch, options=None):
@@ -62,7 +63,7 @@ def matmul(dt, arch, direction, double_quant, options):
     )
     constexprs.update({"stride_wk": 1} if direction == "fwd" else {"stride_wn": 1})  # as Triton specializes 1
     options = {"num_warps": 4, "num_stages": 2, **options}
-    return compile_kernel(qlora_matmul._nf4_matmul_kernel.fn, signature, constexprs, arch, options)
+    return compile_kernel(matmul_module._nf4_matmul_kernel.fn, signature, constexprs, arch, options)
 
 out = {}
 for arch in ARCHS:
@@ -167,7 +168,8 @@ def _recorded_launch(monkeypatch, module, name):
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 def test_launchers_pass_the_checked_options(monkeypatch, double_quant):
     """The launchers use compile_options(double_quant), the options compiled above."""
-    from triton_ops import qlora_matmul, quant
+    import triton_ops.nf4_matmul as matmul_module
+    from triton_ops import quant
     from triton_ops._nf4 import compile_options
 
     absmax = torch.ones(2) if not double_quant else torch.zeros(2, dtype=torch.uint8)
@@ -175,8 +177,8 @@ def test_launchers_pass_the_checked_options(monkeypatch, double_quant):
     weight = (torch.zeros(64, dtype=torch.uint8), absmax, *nested)
     dequantize_launches = _recorded_launch(monkeypatch, quant, "_dequantize_kernel")
     quant.dequantize_nf4(weight, 64, 128, torch.float32)
-    matmul_launches = _recorded_launch(monkeypatch, qlora_matmul, "_nf4_matmul_kernel")
-    qlora_matmul.nf4_matmul(torch.ones(1, 16), weight, 64, 8, 16, False)
+    matmul_launches = _recorded_launch(monkeypatch, matmul_module, "_nf4_matmul_kernel")
+    matmul_module.nf4_matmul(torch.ones(1, 16), weight, 64, 8, 16, False)
     launches = dequantize_launches + matmul_launches
     assert len(launches) == 2
     wanted = compile_options(double_quant)

@@ -5,6 +5,7 @@ forward and transposed, LoRA term and bias in the epilogue. double_quantize has 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -12,7 +13,8 @@ import torch
 from . import Status
 
 NAME = "triton"
-RUNS_ON = ("cuda", "cpu")
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it once, when first imported
+RUNS_ON = ("cuda", "cpu") if _INTERPRETING else ("cuda",)
 ROUTES = ("fused",)
 
 
@@ -21,7 +23,7 @@ def status() -> Status:
         import triton  # noqa: F401
     except ImportError as exc:
         return Status(False, f"triton is not installed ({exc})")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available() and not _INTERPRETING:
         return Status(False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly, "
                              "for testing)")
     return Status(True, "Triton kernels")
@@ -31,25 +33,34 @@ def fused_problem(p) -> str | None:
     return None
 
 
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device, not the tensor's: make the tensor's current (a
+    model split over GPUs has layers on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def quantize_nf4(w, blocksize):
     from triton_ops import quant
 
-    return quant.quantize_nf4(w, blocksize)
+    with _on_device_of(w):
+        return quant.quantize_nf4(w, blocksize)
 
 
 def dequantize_nf4(weight, blocksize, numel, dtype):
     from triton_ops import quant
 
-    return quant.dequantize_nf4(weight, blocksize, numel, dtype)
+    with _on_device_of(weight[0]):
+        return quant.dequantize_nf4(weight, blocksize, numel, dtype)
 
 
 def nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, route):
-    from triton_ops import qlora_matmul
+    from triton_ops.nf4_matmul import nf4_matmul as triton_nf4_matmul
 
     if route != "fused":
         raise RuntimeError(f"lora_kernels: the triton backend has only the fused route, got {route!r}")
-    return qlora_matmul.nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right,
-                                   lora_scaling, bias)
+    with _on_device_of(x):
+        return triton_nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling,
+                                 bias)
 
 
 KERNELS = {"quantize_nf4": quantize_nf4, "dequantize_nf4": dequantize_nf4, "nf4_matmul": nf4_matmul}

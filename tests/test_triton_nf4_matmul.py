@@ -1,4 +1,4 @@
-"""triton_ops.qlora_matmul.nf4_matmul against a plain PyTorch oracle, and its compile for sm_80/sm_90.
+"""triton_ops.nf4_matmul.nf4_matmul against a plain PyTorch oracle, and its compile for sm_80/sm_90.
 
 Oracle: W dequantized by the spec (reference.dequantize_nf4_blocks, double-quantized scales decoded
 first by reference.dequantize_absmax) and rounded once to x's dtype,
@@ -17,7 +17,7 @@ from conftest import compile_triton_for_gpu
 pytest.importorskip("triton")
 
 from lora_kernels import reference  # noqa: E402
-from triton_ops.qlora_matmul import nf4_matmul  # noqa: E402
+from triton_ops.nf4_matmul import nf4_matmul  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
@@ -168,10 +168,10 @@ import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton_ops import qlora_matmul
+import triton_ops.nf4_matmul as matmul_module
 from triton_ops._nf4 import compile_options
 
-kernel = qlora_matmul._nf4_matmul_kernel.fn  # the jitted function under @triton.autotune
+kernel = matmul_module._nf4_matmul_kernel.fn  # the jitted function under @triton.autotune
 
 def compile_ptx(dtype, arch, bm, bn, bk, warps, stages, fixed, double_quant=False):
     ptr = f"*{dtype}"
