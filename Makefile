@@ -1,6 +1,7 @@
 # Two commands that work on a fresh machine:
 #   make test    install what the tests need, build the extension, run the whole suite
 #   make bench   install what the benchmarks need, build the extension, run `python -m bench`
+#   make test-compat  the same build and the API-sensitive tests on the GPU machine's torch 2.11 / Triton 3.6
 #
 # Everything goes into a virtual environment in .venv (override with VENV=...). The build compiles
 # the C++ CPU kernels always, and the CUDA kernels when nvcc (CUDA_HOME) and a CUDA build of torch
@@ -14,7 +15,7 @@ export CUDA_HOME
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: test bench install deps clean
+.PHONY: test test-compat bench install deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,29 @@ install: deps
 
 test: install
 	$(PY) -m pytest tests -q -rs
+
+# The GPU machine's stack, torch 2.11 and Triton 3.6, in a second environment: the extension
+# built against it (C++ CPU kernels; the CUDA sources are built against it on the GPU machine) and
+# the tests that touch the torch and Triton APIs, run in a copy of the tree so the main
+# environment's build stays as it is. Triton 3.6's interpreter turns 1-element arrays into
+# scalars, which numpy 2.4 refuses: numpy < 2.4 there.
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY := $(abspath $(COMPAT_VENV))/bin/python
+COMPAT_DIR := build/compat
+COMPAT_PKGS := torch==2.11.0 triton==3.6.0 "numpy<2.4" pytest ninja
+COMPAT_TESTS := tests/test_api.py tests/test_routes.py tests/test_qlora_linear.py tests/test_modules.py \
+	tests/test_fsdp.py tests/test_triton_nf4_matmul.py tests/test_triton_nf4.py tests/test_triton_compile.py
+
+$(COMPAT_PY):
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install --upgrade pip
+
+test-compat: $(COMPAT_PY)
+	$(COMPAT_PY) -m pip install -q $(COMPAT_PKGS)
+	rm -rf $(COMPAT_DIR) && mkdir -p $(COMPAT_DIR)
+	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(COMPAT_DIR)
+	cd $(COMPAT_DIR) && LORA_KERNELS_CUDA=0 $(COMPAT_PY) setup.py -q build_ext --inplace
+	cd $(COMPAT_DIR) && PYTHONPATH=. $(COMPAT_PY) -m pytest $(COMPAT_TESTS) -q -rs -p no:cacheprovider
 
 bench: install
 	$(PY) -m bench

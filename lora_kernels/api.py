@@ -100,6 +100,8 @@ def qlora_linear(
         lora_input = torch.nn.functional.dropout(x2, dropout_p, True)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
+    if not lora_B.is_contiguous():  # the kernels' epilogues read it row by row (e.g. a transposed view)
+        lora_B = lora_B.contiguous()
     wants_grad = torch.is_grad_enabled() and (
         x.requires_grad
         or lora_A.requires_grad

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from . import _compat
 from .api import SUPPORTED_DTYPES, qlora_linear, quantize_nf4
 from .nf4 import NF4Weight
 
@@ -97,6 +98,7 @@ class QLoRALinear(nn.Module):
         self.weight_dtype = q.dtype
         self.blocksize = q.blocksize
         self.double_quant = q.double_quant
+        _compat.allow_frozen_integer_parameters_in_fsdp2()
         packed = nn.Parameter(q.packed, requires_grad=False)
         if _NF4_PARAM in self._parameters:
             self._parameters[_NF4_PARAM] = packed

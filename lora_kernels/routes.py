@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -118,13 +119,16 @@ def _register_forced(name: str) -> torch.library.Library:
     from ._ops import KERNEL_OPS
 
     lib = torch.library.Library("lora_kernels", "IMPL")
-    for device_type, key in _DISPATCH_KEYS.items():
-        problem = _forced_problem(name, device_type)
-        if problem:
-            for op in KERNEL_OPS:
-                lib.impl(op, _refuser(problem), key)
-        elif BACKENDS[name].KERNELS:  # a C++ backend's kernels are registered on its device already
-            _register(lib, name, key)
+    with warnings.catch_warnings():
+        # Overriding the C++ kernels is the point here; torch < 2.12 warns about it once.
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
+        for device_type, key in _DISPATCH_KEYS.items():
+            problem = _forced_problem(name, device_type)
+            if problem:
+                for op in KERNEL_OPS:
+                    lib.impl(op, _refuser(problem), key)
+            elif BACKENDS[name].KERNELS:  # a C++ backend's kernels are registered on its device already
+                _register(lib, name, key)
     return lib
 
 

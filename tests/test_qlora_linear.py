@@ -172,3 +172,19 @@ def test_blocksizes(device, backend_name, backend, blocksize):
     """Other quantization block sizes (the fused CPU kernel walks a block in chunks of 32)."""
     for M in (1, 5):
         _compare(device, backend_name, backend, M, 48, 256, 4, DTYPES[device][0], blocksize=blocksize)
+
+
+@pytest.mark.parametrize("device,backend_name", backend_params())
+def test_non_contiguous_lora_b(device, backend_name, backend):
+    """lora_B as a transposed view (e.g. tied to another layout): made contiguous, not refused,
+    with gradients flowing back to the view's base."""
+    backend(backend_name)
+    q, A, _, b = _layer(48, 128, 4, device, torch.float32)
+    base = torch.randn(4, 48, device=device, requires_grad=True)
+    x = torch.randn(3, 128, device=device)
+    for M in (1, 3):
+        y = lk.qlora_linear(x[:M], q, A, base.t(), 0.5, b)
+        ref = lk.qlora_linear(x[:M], q, A, base.t().contiguous(), 0.5, b)
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    y.sum().backward()
+    assert base.grad is not None and base.grad.shape == (4, 48)
