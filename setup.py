@@ -15,6 +15,10 @@ import warnings
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The CUDA architectures built by default and the nvcc flags; tests/cuda_compile.py reads both from
+# here, so the codegen tests check what this builds.
+DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0"
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
 def _extensions():
@@ -45,9 +49,9 @@ def _extensions():
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("LK_WITH_CUDA", None))
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         ext_cls = cpp_extension.CUDAExtension
-        extra = {"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]}
+        extra = {"cxx": cxx_flags, "nvcc": list(NVCC_FLAGS)}
         # torch's CUDA headers include cuBLAS / cuSPARSE headers that ship in the nvidia wheels.
         include_dirs = [os.path.join(HERE, "csrc")] + _nvidia_wheel_includes()
     else:

@@ -8,6 +8,13 @@ namespace lora_kernels {
 
 enum class DType : int { kBF16 = 0, kFP16 = 1, kFP32 = 2 };
 
+// The blocksizes every kernel takes: a power of two from 32 to 4096 (bitsandbytes' range).
+constexpr int64_t kMinBlocksize = 32;
+constexpr int64_t kMaxBlocksize = 4096;
+constexpr bool is_supported_blocksize(int64_t blocksize) {
+  return blocksize >= kMinBlocksize && blocksize <= kMaxBlocksize && (blocksize & (blocksize - 1)) == 0;
+}
+
 // The fp32 block scales: either plain (`absmax`), or double-quantized (`codes` into `nested_code`,
 // scaled by `nested_absmax` per 256 blocks, plus `offset`), decoded as fp32(fp32(map * scale) + offset).
 struct BlockScales {
@@ -17,6 +24,12 @@ struct BlockScales {
   const float* nested_code = nullptr;
   const float* offset = nullptr;  // one value (a device pointer for CUDA)
 };
+
+// Whether `s` holds a set of scales a kernel can read: plain, or all four double-quantization arrays.
+inline bool scales_given(const BlockScales& s) {
+  return s.absmax != nullptr ||
+         (s.codes != nullptr && s.nested_absmax != nullptr && s.nested_code != nullptr && s.offset != nullptr);
+}
 
 // An NF4 weight W [rows, cols] (rows = out_features, cols = in_features), row-major, quantized in
 // blocks of `blocksize` consecutive elements of the flat index, two codes a byte, the first in the
@@ -63,7 +76,9 @@ void nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w,
 
 namespace cuda {
 // Same contracts as the CPU versions; every pointer is on the device, work goes on `stream`
-// (a cudaStream_t). Return a cudaError_t as int (0 on success).
+// (a cudaStream_t). Return a cudaError_t as int: 0 on success, the launch's own error if it fails,
+// and cudaErrorInvalidValue, launching nothing, for parameters no kernel handles (a blocksize that
+// is not supported, an unknown dtype, missing scales, or a fused shape outside its limits).
 int quantize_nf4(const void* w, DType dtype, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax,
                  void* stream);
 int dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, void* out,
@@ -71,7 +86,8 @@ int dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blo
 // The fused route, a decode / small-batch kernel: out [M, w.rows] = x [M, w.cols] . deq(W)^T + epilogue, for
 // 1 <= M <= kDecodeMaxRows, reading the packed bytes and the (double-quantized) scales directly: no
 // dequantized weight is written anywhere. x and out row-major contiguous bf16 or fp16; fp32
-// accumulation. Needs w.cols % w.blocksize == 0 and 16-byte aligned packed / x rows (the caller checks).
+// accumulation. Needs w.cols % w.blocksize == 0 and 16-byte aligned packed / x rows (the caller checks;
+// refused here too).
 constexpr int64_t kDecodeMaxRows = 16;
 int nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out,
                       void* stream);

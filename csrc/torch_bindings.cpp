@@ -37,8 +37,8 @@ DType to_dtype(at::ScalarType t) {
 }
 
 void check_blocksize(int64_t blocksize) {
-  TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
-              "lora_kernels: blocksize must be a power of two from 32 to 4096, got ", blocksize);
+  TORCH_CHECK(is_supported_blocksize(blocksize), "lora_kernels: blocksize must be a power of two from ",
+              kMinBlocksize, " to ", kMaxBlocksize, ", got ", blocksize);
 }
 
 void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel,
@@ -280,7 +280,8 @@ std::string cpu_isa_name() {
 
 #ifdef LK_WITH_CUDA
 void check_launch(int err, const char* what) {
-  TORCH_CHECK(err == 0, "lora_kernels: CUDA ", what, " launch failed with cudaError ", err);
+  TORCH_CHECK(err == 0, "lora_kernels: CUDA ", what, " launch failed with cudaError ", err, " (",
+              cudaGetErrorString(static_cast<cudaError_t>(err)), ")");
 }
 
 // The CUDA dequantize kernel reads the packed bytes four at a time: a view at an odd offset is

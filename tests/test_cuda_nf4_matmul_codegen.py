@@ -1,89 +1,127 @@
-"""The NF4 matmul's CUDA fused route, the decode kernel (csrc/cuda/nf4_matmul.cu), compiled for
-sm_90 without a GPU (nvcc only): it builds on its own, without torch headers and without warnings; no kernel spills or uses a stack frame
-(local memory in the hot loop would cost more than the weight stream it hides); the packed bytes
-and x come in as 16-byte read-only loads; and its float arithmetic is what the spec needs: the scale
-decode rounds twice (mul.rn, add.rn), no flush-to-zero, no approximate operations, round-to-nearest
-conversions to bf16 / fp16."""
+"""The NF4 matmul's CUDA fused route, the decode kernel (csrc/cuda/nf4_matmul.cu), compiled without
+a GPU (nvcc only) for every architecture setup.py builds (tests/cuda_compile.py: one nvcc call,
+ptxas -v): it builds on its own, without torch headers and without warnings; no kernel spills or
+uses a stack frame on any architecture (local memory in the hot loop would cost more than the weight
+stream it hides); the packed bytes and x come in as 16-byte read-only loads; and its float arithmetic
+is what the spec needs: the scale decode rounds twice (mul.rn, add.rn), no flush-to-zero, no
+approximate operations, round-to-nearest conversions to bf16 / fp16. The launcher's parameter
+checks run on the CPU."""
 
 import os
 import re
-import shutil
-import subprocess
 
 import pytest
+from cuda_compile import (ARCHS, CUDA_ERROR_INVALID_VALUE, HOST_PRELUDE, ROOT, compile_cuda, nvcc, register_table,
+                          run_host_program, unaligned_vector_views, unchecked_launches)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "csrc", "cuda", "nf4_matmul.cu")
 # The M = 1 kernels must leave room for >= 16 resident warps an SM (65536 registers): the decode
 # path needs that many bytes in flight to reach DRAM bandwidth.
 MAX_REGISTERS_M1 = 128
 
 
-def _nvcc():
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    path = os.path.join(home, "bin", "nvcc")
-    return path if os.path.exists(path) else shutil.which("nvcc")
-
-
-def _compile(tmp_path_factory, kind):
-    nvcc = _nvcc()
-    if nvcc is None:
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    if nvcc() is None:
         pytest.skip("nvcc not found")
-    out = tmp_path_factory.mktemp(kind) / f"nf4_matmul.{kind}"
-    cmd = [nvcc, "-arch=sm_90", "-std=c++17", f"--{kind}", "-Xptxas", "-v", "-I", os.path.join(ROOT, "csrc"),
-           SOURCE, "-o", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    return out, result.stdout + result.stderr
+    return compile_cuda(SOURCE, tmp_path_factory.mktemp("nf4_matmul"))
 
 
-@pytest.fixture(scope="module")
-def ptx(tmp_path_factory):
-    out, log = _compile(tmp_path_factory, "ptx")
-    assert "warning" not in log.lower(), log
-    return out.read_text()
+def test_builds_without_warnings(build):
+    assert "warning" not in build.log.lower(), build.log
 
 
-@pytest.fixture(scope="module")
-def ptxas_report(tmp_path_factory):
-    """{kernel name: (registers, stack frame bytes, spill store bytes, spill load bytes)}."""
-    _, log = _compile(tmp_path_factory, "cubin")
-    assert "warning" not in log.lower(), log
-    report = {}
-    for block in re.split(r"ptxas info\s*: Compiling entry function ", log)[1:]:
-        name = re.match(r"'([^']+)'", block).group(1)
-        frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", block)
-        registers = re.search(r"Used (\d+) registers", block)
-        assert frame and registers, block
-        report[name] = (int(registers.group(1)), *map(int, frame.groups()))
-    return report
-
-
-def test_every_kernel_instantiated(ptxas_report):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_instantiated(build, arch):
     # x in bf16 and fp16, M rounded up to 1, 2, 4, 8 and 16
-    assert len(ptxas_report) == 10, sorted(ptxas_report)
+    assert len(build.kernels[arch]) == 10, sorted(build.kernels[arch])
 
 
-def test_no_spills_no_stack(ptxas_report):
-    bad = {name: r for name, r in ptxas_report.items() if r[1] or r[2] or r[3]}
-    assert not bad, bad
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_spills_no_stack(build, arch):
+    bad = {name: r for name, r in build.kernels[arch].items() if r.stack_frame or r.spill_stores or r.spill_loads}
+    assert not bad, register_table(build)
 
 
-def test_registers_of_the_m1_kernels(ptxas_report):
-    m1 = {name: r[0] for name, r in ptxas_report.items() if "Li1ELi" in name}
-    assert len(m1) == 2, sorted(ptxas_report)
-    assert max(m1.values()) <= MAX_REGISTERS_M1, m1
+@pytest.mark.parametrize("arch", ARCHS)
+def test_registers_of_the_m1_kernels(build, arch):
+    m1 = {name: r.registers for name, r in build.kernels[arch].items() if "Li1ELi" in name}
+    assert len(m1) == 2, sorted(build.kernels[arch])
+    assert max(m1.values()) <= MAX_REGISTERS_M1, register_table(build)
 
 
-def test_vector_loads(ptx):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vector_loads(build, arch):
     # the packed bytes and x: 16-byte loads through the read-only (non-coherent) path
-    assert "ld.global.nc.v4.u32" in ptx
+    assert "ld.global.nc.v4.u32" in build.ptx[arch]
 
 
-def test_float_arithmetic(ptx):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float_arithmetic(build, arch):
     ops = set(re.findall(r"\b(?:fma|mul|add|sub|div|rcp|cvt|ex2|lg2|sqrt|rsqrt)\.[a-z0-9.]*f(?:16|32)\b[a-z0-9.]*",
-                         ptx))
+                         build.ptx[arch]))
     assert {"mul.rn.f32", "add.rn.f32", "fma.rn.f32"} <= ops, ops
     assert {"cvt.rn.bf16.f32", "cvt.rn.f16.f32"} <= ops, ops
     bad = {op for op in ops if ".ftz" in op or "approx" in op or "div.full" in op}
     assert not bad, bad
+
+
+def test_register_arrays_read_as_vectors_are_aligned():
+    with open(SOURCE) as f:
+        assert unaligned_vector_views(f.read()) == []
+
+
+def test_launches_report_their_own_error():
+    with open(SOURCE) as f:
+        assert unchecked_launches(f.read()) == []
+
+
+_LAUNCHER_CHECKS = HOST_PRELUDE + r"""
+int main() {
+  alignas(16) static uint8_t bytes[1024];
+  alignas(16) static float floats[256];
+  const void* x = floats;
+  void* out = floats;
+  Nf4Matrix good;
+  good.packed = bytes;
+  good.scales.absmax = floats;
+  good.rows = 4;
+  good.cols = 128;
+  good.blocksize = 64;
+  const Epilogue epi;
+  for (int64_t bs : {0, 16, 48, 100, 8192}) {  // a blocksize without a kernel
+    Nf4Matrix w = good;
+    w.blocksize = bs;
+    EXPECT(cuda::nf4_matmul_fused(x, DType::kBF16, 1, w, epi, out, nullptr), INVALID);
+  }
+  Nf4Matrix w = good;
+  w.cols = 96;  // not a multiple of the blocksize: a block would straddle two rows
+  EXPECT(cuda::nf4_matmul_fused(x, DType::kBF16, 1, w, epi, out, nullptr), INVALID);
+  w = good;
+  w.rows = -1;
+  EXPECT(cuda::nf4_matmul_fused(x, DType::kBF16, 1, w, epi, out, nullptr), INVALID);
+  w = good;
+  w.scales = BlockScales();  // no scales
+  EXPECT(cuda::nf4_matmul_fused(x, DType::kBF16, 1, w, epi, out, nullptr), INVALID);
+  w.scales.codes = bytes;  // double quantization without its other three arrays
+  EXPECT(cuda::nf4_matmul_fused(x, DType::kBF16, 1, w, epi, out, nullptr), INVALID);
+  w = good;
+  w.packed = bytes + 8;  // the uint4 loads need 16-byte aligned packed bytes and x
+  EXPECT(cuda::nf4_matmul_fused(x, DType::kBF16, 1, w, epi, out, nullptr), INVALID);
+  EXPECT(cuda::nf4_matmul_fused(floats + 2, DType::kBF16, 1, good, epi, out, nullptr), INVALID);
+  for (int64_t m : {0, -1, 17})  // 1 <= M <= kDecodeMaxRows
+    EXPECT(cuda::nf4_matmul_fused(x, DType::kBF16, m, good, epi, out, nullptr), INVALID);
+  EXPECT(cuda::nf4_matmul_fused(x, DType::kFP32, 1, good, epi, out, nullptr), INVALID);
+  EXPECT(cuda::nf4_matmul_fused(x, static_cast<DType>(7), 1, good, epi, out, nullptr), INVALID);
+  w = good;
+  w.rows = 0;  // nothing to do, nothing launched
+  EXPECT(cuda::nf4_matmul_fused(x, DType::kBF16, 1, w, epi, out, nullptr), 0);
+  return failures;
+}
+""".replace("INVALID", str(CUDA_ERROR_INVALID_VALUE))
+
+
+def test_launcher_refuses_what_no_kernel_handles(build, tmp_path):
+    """cudaErrorInvalidValue, launching nothing (a launch would fault: the pointers are host memory)."""
+    status, output = run_host_program(_LAUNCHER_CHECKS, [build.obj], tmp_path)
+    assert status == 0, output

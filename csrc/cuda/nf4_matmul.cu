@@ -44,6 +44,7 @@
 #include "../kernels.h"
 #include "../nf4.h"
 #include "convert.cuh"
+#include "launch.cuh"
 
 namespace lora_kernels {
 namespace cuda {
@@ -290,26 +291,26 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 }
 
 template <typename T, int MT>
-void launch(const void* x, int64_t M, const Nf4Matrix& w, int blocksize_log2, const Epilogue& epi, void* out,
-            cudaStream_t stream) {
+cudaError_t launch(const void* x, int64_t M, const Nf4Matrix& w, int blocksize_log2, const Epilogue& epi, void* out,
+                   cudaStream_t stream) {
   constexpr int R = rows_per_cta(MT);
   const int64_t nchunks = w.cols / kChunk;
   int64_t warps = nchunks / kMinChunksPerWarp;
   warps = warps < 1 ? 1 : (warps > kMaxWarps ? kMaxWarps : warps);
   const int64_t grid = (w.rows + R - 1) / R;
-  nf4_matmul_fused_kernel<T, MT, R><<<static_cast<unsigned>(grid), static_cast<unsigned>(warps * 32), 0, stream>>>(
-      static_cast<const T*>(x), static_cast<int>(M), w.packed, w.scales, w.rows, w.cols, blocksize_log2, epi,
-      static_cast<T*>(out));
+  return launch_kernel(nf4_matmul_fused_kernel<T, MT, R>, static_cast<unsigned>(grid), static_cast<unsigned>(warps * 32),
+                       stream, static_cast<const T*>(x), static_cast<int>(M), w.packed, w.scales, w.rows, w.cols,
+                       blocksize_log2, epi, static_cast<T*>(out));
 }
 
 template <typename T>
-void launch_m(const void* x, int64_t M, const Nf4Matrix& w, int blocksize_log2, const Epilogue& epi, void* out,
-              cudaStream_t stream) {
-  if (M <= 1) launch<T, 1>(x, M, w, blocksize_log2, epi, out, stream);
-  else if (M <= 2) launch<T, 2>(x, M, w, blocksize_log2, epi, out, stream);
-  else if (M <= 4) launch<T, 4>(x, M, w, blocksize_log2, epi, out, stream);
-  else if (M <= 8) launch<T, 8>(x, M, w, blocksize_log2, epi, out, stream);
-  else launch<T, 16>(x, M, w, blocksize_log2, epi, out, stream);
+cudaError_t launch_m(const void* x, int64_t M, const Nf4Matrix& w, int blocksize_log2, const Epilogue& epi, void* out,
+                     cudaStream_t stream) {
+  if (M <= 1) return launch<T, 1>(x, M, w, blocksize_log2, epi, out, stream);
+  if (M <= 2) return launch<T, 2>(x, M, w, blocksize_log2, epi, out, stream);
+  if (M <= 4) return launch<T, 4>(x, M, w, blocksize_log2, epi, out, stream);
+  if (M <= 8) return launch<T, 8>(x, M, w, blocksize_log2, epi, out, stream);
+  return launch<T, 16>(x, M, w, blocksize_log2, epi, out, stream);
 }
 
 }  // namespace
@@ -317,9 +318,14 @@ void launch_m(const void* x, int64_t M, const Nf4Matrix& w, int blocksize_log2, 
 int nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out,
                       void* stream_ptr) {
   // The caller validates shapes; these are the kernel's own assumptions, refused rather than misread:
-  // a power-of-two blocksize >= 32 (a 32-weight chunk never straddles a block), a bf16 / fp16 x.
-  const bool pow2 = w.blocksize >= kChunk && (w.blocksize & (w.blocksize - 1)) == 0;
-  if (!pow2 || w.cols % w.blocksize != 0 || M < 1 || M > kDecodeMaxRows || dtype == DType::kFP32)
+  // a supported blocksize (a power of two >= 32: a 32-weight chunk never straddles a block) that
+  // divides K, a chunk count that fits an int, scales it can read, 1 <= M <= kDecodeMaxRows, a
+  // bf16 / fp16 x, and x and the packed bytes on 16-byte boundaries (the uint4 loads).
+  static_assert(kMinBlocksize >= kChunk, "a chunk lies inside one quantization block");
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w.packed) % 16 == 0;
+  if (!is_supported_blocksize(w.blocksize) || w.cols % w.blocksize != 0 || w.cols / kChunk > 0x7fffffff ||
+      w.rows < 0 || M < 1 || M > kDecodeMaxRows || (dtype != DType::kBF16 && dtype != DType::kFP16) ||
+      !scales_given(w.scales) || !aligned)
     return static_cast<int>(cudaErrorInvalidValue);
   if (w.rows == 0) return static_cast<int>(cudaSuccess);
   // the grid is rows / R CTAs, R >= 2
@@ -327,9 +333,9 @@ int nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, 
   int blocksize_log2 = 0;
   while ((int64_t(1) << blocksize_log2) < w.blocksize) ++blocksize_log2;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
-  if (dtype == DType::kBF16) launch_m<__nv_bfloat16>(x, M, w, blocksize_log2, epi, out, stream);
-  else launch_m<__half>(x, M, w, blocksize_log2, epi, out, stream);
-  return static_cast<int>(cudaGetLastError());
+  const cudaError_t err = dtype == DType::kBF16 ? launch_m<__nv_bfloat16>(x, M, w, blocksize_log2, epi, out, stream)
+                                                : launch_m<__half>(x, M, w, blocksize_log2, epi, out, stream);
+  return static_cast<int>(err);
 }
 
 }  // namespace cuda

@@ -12,6 +12,7 @@
 #include "../kernels.h"
 #include "../nf4.h"
 #include "convert.cuh"
+#include "launch.cuh"
 
 namespace lora_kernels {
 namespace cuda {
@@ -28,7 +29,7 @@ template <typename T, bool kAligned>
 __device__ __forceinline__ void load8(const T* __restrict__ w, int64_t e, int64_t n, float v[8]) {
   if (kAligned && e + 8 <= n) {
     constexpr int kVecs = sizeof(T) * 8 / 16;  // 16-byte vectors: 1 for 16-bit types, 2 for fp32
-    T tmp[8];
+    alignas(16) T tmp[8];  // written as uint4: a T[8] alone is only 2-byte aligned for 16-bit T
 #pragma unroll
     for (int k = 0; k < kVecs; ++k)
       reinterpret_cast<uint4*>(tmp)[k] = __ldg(reinterpret_cast<const uint4*>(w + e) + k);
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(kThreads)
     const float scale = block_scale(scales, e >> blocksize_log2);
     if (e + 8 <= n) {
       const uint32_t word = *reinterpret_cast<const uint32_t*>(packed + e / 2);
-      T result[8];
+      alignas(16) T result[8];  // read as uint4
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         const uint32_t code = (word >> ((k / 2) * 8 + (k % 2 == 0 ? 4 : 0))) & 0xF;
@@ -146,29 +147,28 @@ int grid_for(int64_t work_items, int per_cta) {
 }
 
 template <typename T, int BS>
-void launch_quantize(const void* w, int64_t n, uint8_t* packed, float* absmax, cudaStream_t stream) {
+cudaError_t launch_quantize(const void* w, int64_t n, uint8_t* packed, float* absmax, cudaStream_t stream) {
   constexpr int kLanes = BS / kElemsPerThread < 32 ? BS / kElemsPerThread : 32;
   const int64_t nblocks = (n + BS - 1) / BS;
   const int grid = grid_for(nblocks, kThreads / kLanes);
   const bool aligned = reinterpret_cast<uintptr_t>(w) % 16 == 0;
-  if (aligned)
-    quantize_nf4_kernel<T, BS, true><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(w), n, packed, absmax);
-  else
-    quantize_nf4_kernel<T, BS, false><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(w), n, packed, absmax);
+  return launch_kernel(aligned ? quantize_nf4_kernel<T, BS, true> : quantize_nf4_kernel<T, BS, false>, grid, kThreads,
+                       stream, static_cast<const T*>(w), n, packed, absmax);
 }
 
 template <typename T>
-void launch_quantize_bs(const void* w, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax,
-                        cudaStream_t stream) {
+cudaError_t launch_quantize_bs(const void* w, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax,
+                               cudaStream_t stream) {
   switch (blocksize) {
-    case 32: launch_quantize<T, 32>(w, n, packed, absmax, stream); break;
-    case 64: launch_quantize<T, 64>(w, n, packed, absmax, stream); break;
-    case 128: launch_quantize<T, 128>(w, n, packed, absmax, stream); break;
-    case 256: launch_quantize<T, 256>(w, n, packed, absmax, stream); break;
-    case 512: launch_quantize<T, 512>(w, n, packed, absmax, stream); break;
-    case 1024: launch_quantize<T, 1024>(w, n, packed, absmax, stream); break;
-    case 2048: launch_quantize<T, 2048>(w, n, packed, absmax, stream); break;
-    case 4096: launch_quantize<T, 4096>(w, n, packed, absmax, stream); break;
+    case 32: return launch_quantize<T, 32>(w, n, packed, absmax, stream);
+    case 64: return launch_quantize<T, 64>(w, n, packed, absmax, stream);
+    case 128: return launch_quantize<T, 128>(w, n, packed, absmax, stream);
+    case 256: return launch_quantize<T, 256>(w, n, packed, absmax, stream);
+    case 512: return launch_quantize<T, 512>(w, n, packed, absmax, stream);
+    case 1024: return launch_quantize<T, 1024>(w, n, packed, absmax, stream);
+    case 2048: return launch_quantize<T, 2048>(w, n, packed, absmax, stream);
+    case 4096: return launch_quantize<T, 4096>(w, n, packed, absmax, stream);
+    default: return cudaErrorInvalidValue;  // no kernel for it
   }
 }
 
@@ -182,32 +182,48 @@ int log2_of(int64_t v) {
 
 int quantize_nf4(const void* w, DType dtype, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax,
                  void* stream_ptr) {
+  // Refused, launching nothing: a blocksize without a kernel, a dtype that is none of ours (below),
+  // packed bytes the 32-bit stores cannot write (w may be at any offset: it has a kernel of its own).
+  if (!is_supported_blocksize(blocksize) || n < 0 || reinterpret_cast<uintptr_t>(packed) % 4 != 0)
+    return static_cast<int>(cudaErrorInvalidValue);
+  if (n == 0) return static_cast<int>(cudaSuccess);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   switch (dtype) {
-    case DType::kBF16: launch_quantize_bs<__nv_bfloat16>(w, n, blocksize, packed, absmax, stream); break;
-    case DType::kFP16: launch_quantize_bs<__half>(w, n, blocksize, packed, absmax, stream); break;
-    case DType::kFP32: launch_quantize_bs<float>(w, n, blocksize, packed, absmax, stream); break;
+    case DType::kBF16: return static_cast<int>(launch_quantize_bs<__nv_bfloat16>(w, n, blocksize, packed, absmax, stream));
+    case DType::kFP16: return static_cast<int>(launch_quantize_bs<__half>(w, n, blocksize, packed, absmax, stream));
+    case DType::kFP32: return static_cast<int>(launch_quantize_bs<float>(w, n, blocksize, packed, absmax, stream));
   }
-  return static_cast<int>(cudaGetLastError());
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 int dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, void* out,
                    DType dtype, void* stream_ptr) {
+  // The kernel's own assumptions, refused rather than misread: a supported blocksize (a power of
+  // two, as it shifts, of at least 8, as 8 aligned elements share one scale), scales it can read,
+  // packed bytes read 4 at a time and an output written 16 bytes at a time, a dtype of ours (below).
+  if (!is_supported_blocksize(blocksize) || n < 0 || !scales_given(scales) ||
+      reinterpret_cast<uintptr_t>(packed) % 4 != 0 || reinterpret_cast<uintptr_t>(out) % 16 != 0)
+    return static_cast<int>(cudaErrorInvalidValue);
+  if (n == 0) return static_cast<int>(cudaSuccess);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const int grid = grid_for((n + 7) / 8, kThreads);
   const int shift = log2_of(blocksize);
+  cudaError_t err = cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kBF16:
-      dequantize_nf4_kernel<<<grid, kThreads, 0, stream>>>(packed, scales, shift, n, static_cast<__nv_bfloat16*>(out));
+      err = launch_kernel(dequantize_nf4_kernel<__nv_bfloat16>, grid, kThreads, stream, packed, scales, shift, n,
+                          static_cast<__nv_bfloat16*>(out));
       break;
     case DType::kFP16:
-      dequantize_nf4_kernel<<<grid, kThreads, 0, stream>>>(packed, scales, shift, n, static_cast<__half*>(out));
+      err = launch_kernel(dequantize_nf4_kernel<__half>, grid, kThreads, stream, packed, scales, shift, n,
+                          static_cast<__half*>(out));
       break;
     case DType::kFP32:
-      dequantize_nf4_kernel<<<grid, kThreads, 0, stream>>>(packed, scales, shift, n, static_cast<float*>(out));
+      err = launch_kernel(dequantize_nf4_kernel<float>, grid, kThreads, stream, packed, scales, shift, n,
+                          static_cast<float*>(out));
       break;
   }
-  return static_cast<int>(cudaGetLastError());
+  return static_cast<int>(err);
 }
 
 }  // namespace cuda
