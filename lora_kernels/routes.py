@@ -38,10 +38,13 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 # threads, a Xeon with AVX-512 BF16 and AMX, 2026-11-28): fused 0.56x / 1.15x / 2.1x the time of
 # bf16 F.linear at M = 1 / 4 / 8, dequant+GEMM 1.6x at all three; see `python -m bench --suite
 # forward` for the current figures. CUDA: the decode kernel's own limit (backends/cuda.py), not
-# yet measured on a GPU. Where an architecture is missing, the "default" entry applies.
+# yet measured on a GPU. Triton: a forecast, not measured on a GPU (issue 10's review: the fused
+# kernel tiles M by 16 and is bound by reading W; above that Triton dequantize + cuBLAS should
+# win). Where an architecture is missing, the "default" entry applies.
 FUSED_MAX_ROWS = {
     "cpu": {"default": 4},
     "cuda": {"default": 16},
+    "triton": {"default": 16},
 }
 
 

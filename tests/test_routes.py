@@ -89,10 +89,27 @@ def _params():
     return params
 
 
+def _skipped(backend_name: str, device: str, index: int) -> bool:
+    return backend_name == "triton" and device == "cpu" and index % 4 != 0  # the interpreter is slow
+
+
+@pytest.mark.parametrize("device,backend_name", [p for p in _params() if p.values[0] == "cpu"])
+def test_cases_cover_every_route(device, backend_name, backend):
+    """The cases that run below take every route the backend offers, so each is checked."""
+    backend(backend_name)
+    taken = set()
+    for index in range(CASES):
+        if not _skipped(backend_name, device, index):
+            case = _draw(index, device)
+            q, x, *_ = _problem(case)
+            taken.add(lk.explain(x, q, transpose=case["transpose"])["route"])
+    assert taken == set(lk.routes.ROUTES[backend_name]), taken
+
+
 @pytest.mark.parametrize("index", range(CASES))
 @pytest.mark.parametrize("device,backend_name", _params())
 def test_named_route_runs_and_matches_reference(device, backend_name, index, backend):
-    if backend_name == "triton" and device == "cpu" and index % 4:
+    if _skipped(backend_name, device, index):
         pytest.skip("the Triton interpreter is slow: every fourth case")
     backend(backend_name)
     case = _draw(index, device)

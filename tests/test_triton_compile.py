@@ -48,20 +48,19 @@ def dequantize(dt, arch, double_quant, options):
          "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": f"*{dt}", "n": "i64"},
         {"BS": 64, "BYTES": 1024, "DOUBLE_QUANT": double_quant, "INTERPRET": False}, arch, options)
 
-def matmul(dt, arch, direction, double_quant, options):
+def matmul(dt, arch, double_quant, options):
     ptr = f"*{dt}"
     signature = {
         "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
-        "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32",
+        "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32",
         "lora_left_ptr": ptr, "lora_right_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr,
-        "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", "stride_wk": "i32", "stride_wn": "i32",
-        "rank": "i32", "lora_scaling": "fp32",
+        "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32", "M_BUCKET": "i32", "rank": "i32",
+        "lora_scaling": "fp32",
     }
     constexprs = dict(
-        BS=64, DOUBLE_QUANT=double_quant, HAS_LORA=True, HAS_BIAS=True, DOT_FP32=dt == "fp32",
-        INTERPRET=False, LORA_DOT_FP32=dt == "fp32", BLOCK_R=16, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8,
+        BS=64, WHOLE_BLOCKS=False, DOUBLE_QUANT=double_quant, HAS_LORA=True, HAS_BIAS=True, DOT_FP32=dt == "fp32",
+        INTERPRET=False, LORA_DOT_FP32=dt == "fp32", BLOCK_R=16, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=8,
     )
-    constexprs.update({"stride_wk": 1} if direction == "fwd" else {"stride_wn": 1})  # as Triton specializes 1
     options = {"num_warps": 4, "num_stages": 2, **options}
     return compile_kernel(matmul_module._nf4_matmul_kernel.fn, signature, constexprs, arch, options)
 
@@ -75,17 +74,14 @@ for arch in ARCHS:
         for dq in (False, True):
             k = dequantize(dt, arch, dq, compile_options(dq))
             out[f"dequantize-{dt}-{dq}-{arch}"] = {"ops": ops(k), "fp": fp_counts(k)}
-        for direction in ("fwd", "dx"):
-            k = matmul(dt, arch, direction, True, compile_options(True))
-            out[f"matmul-{dt}-{direction}-{arch}"] = fp_counts(k)
+        k = matmul(dt, arch, True, compile_options(True))
+        out[f"matmul-{dt}-{arch}"] = fp_counts(k)
     # the same kernels with Triton's default options, fp fusion on: what the check must catch
     out[f"dequantize-fused-{arch}"] = fp_counts(dequantize("fp32", arch, True, {}))
-    out[f"matmul-fused-{arch}"] = fp_counts(matmul("bf16", arch, "fwd", True, {}))
+    out[f"matmul-fused-{arch}"] = fp_counts(matmul("bf16", arch, True, {}))
     # fp32 x: the dot is an fma loop on CUDA cores; the plain-scale kernel with the same options
     # tells how many of its fma are the dot's
-    for direction in ("fwd", "dx"):
-        plain = matmul("fp32", arch, direction, False, compile_options(True))
-        out[f"matmul-fp32-plain-{direction}-{arch}"] = fp_counts(plain)
+    out[f"matmul-fp32-plain-{arch}"] = fp_counts(matmul("fp32", arch, False, compile_options(True)))
 print(json.dumps(out))
 """
 
@@ -126,21 +122,19 @@ def test_dequantize_kernel_codegen(compiled, dtype, double_quant, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("direction", ["fwd", "dx"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_double_quant_matmul_has_no_fma(compiled, dtype, direction, arch):
+def test_double_quant_matmul_has_no_fma(compiled, dtype, arch):
     """16-bit x: the dot runs on tensor cores, so any fp32 fma would be the scale decode's (or the
     epilogue's); there is none in the PTX or the SASS."""
-    fp = compiled[f"matmul-{dtype}-{direction}-{arch}"]
+    fp = compiled[f"matmul-{dtype}-{arch}"]
     assert fp["ptx_fma"] == 0 and fp["sass_ffma"] == 0, fp
     assert fp["sass_fmul"] > 0 and fp["sass_fadd"] > 0, fp  # the decode is there, unfused
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("direction", ["fwd", "dx"])
-def test_double_quant_matmul_fp32_decode_adds_no_fma(compiled, direction, arch):
+def test_double_quant_matmul_fp32_decode_adds_no_fma(compiled, arch):
     """fp32 x: the ieee dot is itself an fma loop; the double-quant decode adds no fma to it."""
-    dq, plain = compiled[f"matmul-fp32-{direction}-{arch}"], compiled[f"matmul-fp32-plain-{direction}-{arch}"]
+    dq, plain = compiled[f"matmul-fp32-{arch}"], compiled[f"matmul-fp32-plain-{arch}"]
     assert dq["ptx_fma"] == plain["ptx_fma"] and dq["sass_ffma"] == plain["sass_ffma"], (dq, plain)
     assert dq["sass_fmul"] > 0 and dq["sass_fadd"] > 0, dq
 

@@ -1,32 +1,37 @@
-"""NF4 matmul with a fused LoRA + bias epilogue, in Triton. The QLoRA linear layer in one kernel.
+"""NF4 matmul with a LoRA + bias epilogue, in Triton: the QLoRA linear layer. Two routes.
 
 W is an NF4 matrix [rows, cols] (rows = out_features, cols = in_features) stored as the spec
 (reference.py) stores it: flattened row-major, cut into blocks of `blocksize` along the flat
 index, two 4-bit codes a byte (bitsandbytes 0.50: first element in the high nibble), one scale
 per block. Element (i, j) has flat index f = i * cols + j and value
 NF4_VALUES[code(f)] * scale[f // blocksize], where the scale is an fp32 absmax, or, double-quantized
-(DOUBLE_QUANT), fp32(fp32(nested_code[absmax[b]] * nested_absmax[b // 256]) + offset) decoded in
-the K loop with two roundings (launched without fp fusion, see _nf4.compile_options).
+(DOUBLE_QUANT), fp32(fp32(nested_code[absmax[b]] * nested_absmax[b // 256]) + offset), two
+roundings (launched without fp fusion, see _nf4.compile_options).
 
     forward   (transpose=False): out[M, rows] = x[M, cols] @ deq(W).T   (K = cols, N = rows)
     dx        (transpose=True):  out[M, cols] = x[M, rows] @ deq(W)     (K = rows, N = cols)
     epilogue: out += lora_scaling * lora_left[M, r] @ lora_right[N, r].T + bias[N]
 
-Both directions are one kernel: the W tile a program needs is [BLOCK_K, BLOCK_N] with flat index
-k * stride_wk + n * stride_wn, i.e. (1, cols) forward and (cols, 1) transposed. Nothing is
-dequantized ahead of time.
+`dequant_gemm` (large M: training, prefill; and every transposed matmul): the Triton dequantize
+kernel writes deq(W) in x's dtype, torch.mm multiplies, the epilogue follows, as the C++ route does.
 
-Tiling: a program owns a [BLOCK_M, BLOCK_N] output tile (programs ordered in groups of GROUP_M
-row tiles, so neighbours reuse the same W columns from L2). Its K loop loads a [BLOCK_M, BLOCK_K]
-tile of x and, for W, gathers one byte per element (flat // 2), picks the nibble by the parity of
-flat, looks the code up in the 16-entry NF4 table (a gather that stays in L1) and multiplies by
-the block's scale (gathered per element: blocks may straddle rows when cols % blocksize != 0, and
-flat // blocksize is right in every case; double-quantized, the code, the nested absmax and the
-256-entry map are three more gathers, all from small tables). The tile is rounded once to x's
-dtype, exactly as dequantize_nf4_blocks(..., dtype=x.dtype) would round it, and fed to tl.dot
-with an fp32 accumulator. After the loop, the LoRA term is a second tl.dot over the rank, tiled
-in BLOCK_R chunks (r padded to a power of two, at least 16 for tl.dot), added with bias to the
-fp32 accumulator, and the result is rounded to x's dtype once, in the store.
+`nf4_matmul`, the fused kernel (small M: decode; forward only, cols even): nothing is dequantized
+ahead of time. A program owns a [BLOCK_M, BLOCK_N] output tile; BLOCK_M is 16 in every config.
+Its K loop steps over W's packed bytes: each sub-step (at most 64 columns and at most the
+blocksize) loads a [SUB_K / 2, BLOCK_N] tile of bytes, contiguous along K within each W row (16-byte
+loads where the row is 16-byte aligned), and two scales a row (the blocks holding the row's first and
+last column of the sub-step; one when cols % blocksize == 0, WHOLE_BLOCKS), not one an element. The
+high and low nibbles are unpacked in registers and looked up by a select tree (_nf4_value: a
+table in memory would be a gather that the pipeliner stages in shared memory), scaled, rounded once
+to x's dtype, exactly as dequantize_nf4_blocks(..., dtype=x.dtype) rounds, and multiplied with
+x's even and odd columns (x read contiguously and split) by two tl.dot into an fp32 accumulator.
+After the loop, the LoRA term is a second tl.dot over the rank, in BLOCK_R chunks (r padded to a
+power of two, at least 16 for tl.dot), added with bias to the accumulator, and the result is
+rounded to x's dtype once, in the store.
+
+Shared memory: each config's is recorded (_CONFIG_SHARED_BYTES) and the autotuner offers a config
+only on a GPU whose per-block limit it fits (SHARED_MEMORY_LIMIT, by compute capability);
+tests/test_triton_resources.py compiles every config for sm_80/86/89/90 and checks the figures.
 
 On the GPU the main dot takes x's dtype (bf16/fp16 on tensor cores; fp32 x with
 input_precision="ieee", as torch's default fp32 matmul, not tf32). The LoRA dot takes the
@@ -38,6 +43,7 @@ order); fp32 -> bf16 casts truncate there, so the kernel rounds to nearest even 
 constexpr, compiled out on the GPU); and autotune gets a single config (several fail there).
 """
 
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -46,64 +52,106 @@ import torch
 import triton
 import triton.language as tl
 
-from ._nf4 import compile_options, nf4_code
-from .quant import _block_scale, _interpreting, _round_to
+from ._nf4 import NF4_VALUES, compile_options
+from .quant import _block_scale, _interpreting, _round_to, dequantize_nf4
+
+
+
+@triton.jit
+def _nf4_value(code):
+    """NF4_VALUES[code] for int32 codes in 0..15, chosen in registers by a tree of 15 selects on
+    the code's bits. A gather from a table in memory would be staged in shared memory by the
+    software pipeliner (it feeds tl.dot): 4 bytes an element a stage, the 106-397 KB a block that
+    the static review of 2026-12-01 found."""
+    b0 = (code & 1) != 0
+    b1 = (code & 2) != 0
+    b2 = (code & 4) != 0
+    v0 = tl.where(b2, tl.where(b1, tl.where(b0, _V7, _V6), tl.where(b0, _V5, _V4)),
+                  tl.where(b1, tl.where(b0, _V3, _V2), tl.where(b0, _V1, _V0)))
+    v1 = tl.where(b2, tl.where(b1, tl.where(b0, _V15, _V14), tl.where(b0, _V13, _V12)),
+                  tl.where(b1, tl.where(b0, _V11, _V10), tl.where(b0, _V9, _V8)))
+    return tl.where((code & 8) != 0, v1, v0)
+
+
+# The NF4 values as module-level constexprs the jitted function can read.
+for _i, _v in enumerate(NF4_VALUES):
+    globals()[f"_V{_i}"] = tl.constexpr(_v)
+
+
+# The most shared memory one block may use, by compute capability: the opt-in limit
+# (cudaDevAttrMaxSharedMemoryPerBlockOptin; CUDA C++ Programming Guide, "Technical Specifications
+# per Compute Capability"). An architecture not listed gets the smallest.
+SHARED_MEMORY_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448}
+
+# The fused kernel's autotune configs, all small-M (decode, short sequences: bound by reading W),
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) -> the most shared memory it takes, in bytes, over bf16
+# and fp32 x, plain and double-quantized scales, on sm_80 / sm_86 / sm_89 / sm_90 (Triton 3.8,
+# rounded up to 4 KiB). tests/test_triton_resources.py compiles every config for each of these
+# architectures and checks these figures, the limits and that nothing spills.
+_CONFIG_SHARED_BYTES = {
+    (16, 64, 4, 3): 20480,  # narrow N tiles: N / 16 programs keep every SM busy at M = 1
+    (32, 128, 4, 3): 36864,
+    (32, 256, 4, 3): 57344,
+    (64, 64, 4, 3): 36864,
+    (64, 128, 4, 3): 49152,
+}
+BLOCK_M = 16  # every config: the route sends M <= 16 here (lora_kernels.routes.FUSED_MAX_ROWS)
+
+
+def shared_memory_limit(capability: tuple[int, int]) -> int:
+    return SHARED_MEMORY_LIMIT.get(tuple(capability), min(SHARED_MEMORY_LIMIT.values()))
+
+
+def config_shared_bytes(config: triton.Config) -> int:
+    """The recorded shared memory of one of _configs() (see _CONFIG_SHARED_BYTES)."""
+    kw = config.kwargs
+    return _CONFIG_SHARED_BYTES[(kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)]
+
+
+def _config(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                         num_stages=stages)
 
 
 def _configs() -> list[triton.Config]:
-    def config(bm, bn, bk, warps, stages):
-        return triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages
-        )
-
     if _interpreting():
         # small tiles: numpy does the work per program, and the tests' shapes stay ragged
-        return [config(16, 32, 32, 4, 1)]
-    return [
-        # small M (decode, LoRA backward of short sequences): the kernel is bound by reading W
-        config(16, 64, 128, 4, 4),
-        config(16, 128, 128, 4, 4),
-        config(16, 128, 64, 4, 3),
-        config(32, 64, 128, 4, 4),
-        config(32, 128, 64, 4, 3),
-        # large M (prefill, training): tensor-core tiles
-        config(64, 128, 64, 4, 3),
-        config(64, 64, 64, 4, 4),
-        config(128, 128, 64, 8, 3),
-        config(128, 64, 64, 4, 4),
-        config(128, 128, 32, 8, 4),
-    ]
+        return [_config(32, 32, 4, 1)]
+    return [_config(*key) for key in _CONFIG_SHARED_BYTES]
+
+
+def configs_for(capability: tuple[int, int]) -> list[triton.Config]:
+    """The configs offered on a GPU of this compute capability: those whose shared memory fits."""
+    limit = shared_memory_limit(capability)
+    return [c for c in _configs() if config_shared_bytes(c) <= limit]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Only try row tiles that fit the M bucket: 16/32 for M <= 32, up to 64 for M <= 64, else 64/128."""
-    m_bucket = named_args["M_BUCKET"]
-    if m_bucket <= 32:
-        wanted = {16, 32}
-    elif m_bucket <= 64:
-        wanted = {32, 64}
-    else:
-        wanted = {64, 128}
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] in wanted]
-    return kept or configs  # the single interpreter config must survive
+    """Drop the configs whose shared memory exceeds the limit of the GPU that runs the launch (the
+    launcher makes x's device the current one)."""
+    if _interpreting():
+        return configs  # the single interpreter config
+    limit = shared_memory_limit(torch.cuda.get_device_capability(named_args["x_ptr"].device))
+    kept = [c for c in configs if config_shared_bytes(c) <= limit]
+    if not kept:
+        raise RuntimeError(f"no config of the fused NF4 matmul fits {limit} bytes of shared memory")
+    return kept
 
 
 @triton.autotune(
     configs=_configs(),
-    # stride_wk tells forward (1) from dx (cols): their W access patterns differ. The autotuner
-    # adds the tensors' dtypes to the key itself.
-    key=["M_BUCKET", "N", "K", "stride_wk"],
+    # the autotuner adds the tensors' dtypes to the key itself
+    key=["M_BUCKET", "N", "K", "BS"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _nf4_matmul_kernel(
     x_ptr,  # [M, K] contiguous, bf16 / fp16 / fp32
-    packed_ptr,  # uint8 [ceil(rows * cols / 2)]
-    absmax_ptr,  # fp32 [nblocks = ceil(rows * cols / BS)], or uint8 codes [nblocks] when DOUBLE_QUANT
+    packed_ptr,  # uint8 [N * K / 2]: W [N, K] row-major, K even
+    absmax_ptr,  # fp32 [nblocks = ceil(N * K / BS)], or uint8 codes [nblocks] when DOUBLE_QUANT
     nested_absmax_ptr,  # fp32 [ceil(nblocks / 256)], read only when DOUBLE_QUANT
     nested_code_ptr,  # fp32 [256], read only when DOUBLE_QUANT
     offset_ptr,  # fp32 [] (one value), read only when DOUBLE_QUANT
-    code_ptr,  # fp32 [16], NF4_VALUES
     lora_left_ptr,  # [M, rank] contiguous (any float dtype), unused unless HAS_LORA
     lora_right_ptr,  # [N, rank] contiguous, unused unless HAS_LORA
     bias_ptr,  # [N], unused unless HAS_BIAS
@@ -111,12 +159,12 @@ def _nf4_matmul_kernel(
     M,
     N,
     K,
+    row_bytes,  # K // 2: one W row in packed bytes (a separate argument, so Triton sees it divisible by 16)
     M_BUCKET,  # next power of two of M: the autotune key, so every M does not retune
-    stride_wk,  # flat-index step of W along K: 1 forward, cols transposed
-    stride_wn,  # flat-index step of W along N: cols forward, 1 transposed
     rank,
     lora_scaling,
     BS: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr,  # K % BS == 0: no block straddles two rows
     DOUBLE_QUANT: tl.constexpr,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -129,6 +177,12 @@ def _nf4_matmul_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # A K step of BLOCK_K is cut into sub-steps of SUB_K elements, at most the blocksize (a row's
+    # sub-step then touches at most two blocks, one when WHOLE_BLOCKS: two scale loads a row, not
+    # one an element) and at most 64 (the registers a sub-step holds do not grow with BS).
+    SUB_K: tl.constexpr = min(BLOCK_K, BS, 64)
+    HALF: tl.constexpr = SUB_K // 2
+
     # Grouped program order: GROUP_M consecutive row tiles sweep the same column tiles together.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -143,35 +197,54 @@ def _nf4_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    # 64-bit offsets: rows * cols (and M * K) may pass 2^31
+    # 64-bit offsets: N * K (and M * K) may pass 2^31
     rows_m = offs_m.to(tl.int64)
     cols_n = offs_n.to(tl.int64)
     x_rows = x_ptr + rows_m[:, None] * K  # [BLOCK_M, 1]
-    w_n = cols_n[None, :] * stride_wn  # [1, BLOCK_N]
+    row_start = cols_n * K  # [BLOCK_N], flat index of each W row's first element
+    w_rows = packed_ptr + cols_n[None, :] * row_bytes  # [1, BLOCK_N]: K is even, so rows start on a byte
     x_ty = x_ptr.dtype.element_ty
+    half = tl.arange(0, HALF)
+    sub_k = tl.arange(0, SUB_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-
-        flat = offs_k.to(tl.int64)[:, None] * stride_wk + w_n  # [BLOCK_K, BLOCK_N]
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        byte = tl.load(packed_ptr + flat // 2, mask=w_mask, other=0).to(tl.int32)
-        # bitsandbytes 0.50: the even (first) element of a pair sits in the high nibble
-        code = tl.where((flat % 2) == 0, byte >> 4, byte & 0xF)
-        value = tl.load(code_ptr + code)
-        # masked lanes get scale 0, so they hold NF4 * 0 = 0 and add nothing to the dot
-        scale = _block_scale(
-            absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, flat // BS, w_mask, DOUBLE_QUANT
-        )
-        # one rounding to x's dtype, as dequantize_nf4_blocks(..., dtype=x.dtype) rounds
-        w = _round_to(value * scale, x_ty, INTERPRET)
-        if DOT_FP32:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+    # the K loop steps over packed bytes: b0 (a multiple of BLOCK_K / 2) lets Triton prove the
+    # byte loads contiguous and aligned, and load them 16 bytes at a time
+    for b0 in range(0, row_bytes, BLOCK_K // 2):
+        for sub in tl.static_range(0, BLOCK_K, SUB_K):
+            k = 2 * b0 + sub  # the sub-step's first column
+            pair = b0 + sub // 2 + half  # [HALF]: element pairs (2p, 2p + 1) of this sub-step
+            k_mask = pair < row_bytes
+            # x read contiguously, then split into its even and odd columns (the high and low nibbles)
+            offs_k = k + sub_k
+            x_tile = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x_tile, (BLOCK_M, HALF, 2)))
+            # W^T tile as bytes, [HALF, BLOCK_N]: HALF contiguous bytes of each row
+            byte = tl.load(w_rows + pair[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0).to(tl.int32)
+            # the scales of the blocks holding each row's first and last element of the sub-step;
+            # masked rows get 0. Columns past K read a real scale but meet x = 0.
+            first = (row_start + k) // BS  # [BLOCK_N]
+            scale = _block_scale(
+                absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, first, n_mask, DOUBLE_QUANT
+            )[None, :]
+            if not WHOLE_BLOCKS:
+                last = (row_start + tl.minimum(k + SUB_K, K) - 1) // BS
+                scale_last = _block_scale(
+                    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, last, n_mask, DOUBLE_QUANT
+                )
+                # a pair never straddles blocks (BS is even): one choice a pair
+                in_last = (row_start[None, :] + 2 * pair[:, None]) // BS != first[None, :]
+                scale = tl.where(in_last, scale_last[None, :], scale)
+            # bitsandbytes 0.50: the even (first) element of a pair sits in the high nibble.
+            # One rounding to x's dtype, as dequantize_nf4_blocks(..., dtype=x.dtype) rounds.
+            w_even = _round_to(_nf4_value(byte >> 4) * scale, x_ty, INTERPRET)
+            w_odd = _round_to(_nf4_value(byte & 0xF) * scale, x_ty, INTERPRET)
+            if DOT_FP32:
+                acc = tl.dot(x_even.to(tl.float32), w_even.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(x_odd.to(tl.float32), w_odd.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x_even, w_even, acc)
+                acc = tl.dot(x_odd, w_odd, acc)
 
     if HAS_LORA:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -214,24 +287,28 @@ def nf4_matmul(
     lora_scaling: float = 0.0,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x @ deq(W).T (transpose=False) or x @ deq(W) (transpose=True), plus
-    lora_scaling * lora_left @ lora_right.T and bias, accumulated in fp32, rounded once to x.dtype.
+    """The fused route: x @ deq(W).T plus lora_scaling * lora_left @ lora_right.T and bias,
+    accumulated in fp32, rounded once to x.dtype. Forward only, in_features (cols) even; any M, but
+    its configs are tiled for M <= 16.
 
-    x: [M, cols] forward, [M, rows] transposed; bf16 / fp16 / fp32.
+    x: [M, cols]; bf16 / fp16 / fp32.
     weight: (packed, absmax, nested_absmax, nested_code, offset): packed uint8 [ceil(rows * cols / 2)];
     absmax fp32 [nblocks = ceil(rows * cols / blocksize)] and the last three None, or
     double-quantized: absmax uint8 codes [nblocks], nested_absmax fp32 [ceil(nblocks / 256)],
     nested_code fp32 [256], offset fp32 [] (decoded in the kernel, two roundings as the spec).
-    lora_left: [M, r], lora_right: [N, r] (N = rows forward, cols transposed), any float dtype, or
-    both None. bias: [N] in x.dtype or None. Returns [M, N] in x.dtype.
-    The caller validates; only the assumptions the kernel relies on are asserted.
+    transpose: must be False (the argument keeps the signature of dequant_gemm).
+    lora_left: [M, r], lora_right: [rows, r], any float dtype, or both None. bias: [rows] in x.dtype
+    or None. Returns [M, rows] in x.dtype.
+    The caller validates; only the assumptions the kernel relies on are checked.
     """
     packed, absmax, nested_absmax, nested_code, offset = weight
     double_quant = nested_absmax is not None
     assert x.dim() == 2 and blocksize & (blocksize - 1) == 0
     assert double_quant == (absmax.dtype == torch.uint8)
-    K, N = (rows, cols) if transpose else (cols, rows)
-    stride_wk, stride_wn = (cols, 1) if transpose else (1, cols)
+    if transpose or cols % 2:
+        raise ValueError("the fused Triton kernel takes forward matmuls with an even in_features; "
+                         f"got transpose={transpose}, in_features={cols}: use dequant_gemm")
+    K, N = cols, rows
     M = x.shape[0]
     assert x.shape[1] == K
     assert (lora_left is None) == (lora_right is None)
@@ -275,7 +352,6 @@ def nf4_matmul(
         nested_absmax,
         nested_code,
         offset,
-        nf4_code(x.device),
         lora_left,
         lora_right,
         bias if bias is not None else x,
@@ -283,12 +359,12 @@ def nf4_matmul(
         M,
         N,
         K,
+        K // 2,
         triton.next_power_of_2(M),
-        stride_wk,
-        stride_wn,
         rank,
         float(lora_scaling),
         BS=blocksize,
+        WHOLE_BLOCKS=K % blocksize == 0,
         DOUBLE_QUANT=double_quant,
         HAS_LORA=has_lora,
         HAS_BIAS=bias is not None,
@@ -298,4 +374,33 @@ def nf4_matmul(
         BLOCK_R=block_r,
         **compile_options(double_quant),
     )
+    return out
+
+
+def dequant_gemm(
+    x: torch.Tensor,
+    weight: Sequence[torch.Tensor | None],
+    blocksize: int,
+    rows: int,
+    cols: int,
+    transpose: bool,
+    lora_left: torch.Tensor | None = None,
+    lora_right: torch.Tensor | None = None,
+    lora_scaling: float = 0.0,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The dequant_gemm route, for large M and the transposed (backward dx) matmul: W dequantized by
+    the Triton kernel into a [rows, cols] buffer in x.dtype (each value rounded once, as the fused
+    kernel rounds it), then torch.mm (cuBLAS on the GPU), then the epilogue as the C++ kernels' route
+    has it (csrc/torch_bindings.cpp, add_epilogue): the LoRA factors in x.dtype added by addmm_, then
+    the bias. A 16-bit output is rounded up to three times (GEMM, LoRA, bias).
+
+    Arguments as nf4_matmul; transposed, x is [M, rows] and the result [M, cols] (x @ deq(W)).
+    """
+    w = dequantize_nf4(weight, blocksize, rows * cols, x.dtype).view(rows, cols)
+    out = torch.mm(x, w if transpose else w.t())
+    if lora_left is not None and lora_left.shape[1] > 0:
+        out.addmm_(lora_left.to(out.dtype), lora_right.to(out.dtype).t(), alpha=lora_scaling)
+    if bias is not None:
+        out.add_(bias)
     return out

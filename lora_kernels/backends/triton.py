@@ -1,7 +1,11 @@
 """The Triton kernels (triton_ops/): on CUDA when the compiled extension is missing, or when
-forced; on the CPU under TRITON_INTERPRET=1, for testing. One route, "fused", for every M,
-forward and transposed, LoRA term and bias in the epilogue. double_quantize has no Triton kernel
-(numel / blocksize values): the reference runs it."""
+forced; on the CPU under TRITON_INTERPRET=1, for testing.
+
+Routes (triton_ops/nf4_matmul.py): "fused", one kernel reading the packed bytes, LoRA term and bias
+in its epilogue, tiled for small M (decode), forward only, in_features even; "dequant_gemm", the
+Triton dequantize kernel into a buffer in x's dtype, then torch.mm (cuBLAS) and the epilogue, for
+large M and the backward's dx. double_quantize has no Triton kernel (numel / blocksize values): the
+reference runs it."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from . import Status
 NAME = "triton"
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it once, when first imported
 RUNS_ON = ("cuda", "cpu") if _INTERPRETING else ("cuda",)
-ROUTES = ("fused",)
+ROUTES = ("fused", "dequant_gemm")
 
 
 def status() -> Status:
@@ -30,6 +34,10 @@ def status() -> Status:
 
 
 def fused_problem(p) -> str | None:
+    if p.transpose:
+        return "the fused Triton kernel is forward-only (the backward's dx is a transposed matmul)"
+    if p.cols % 2:
+        return f"in_features {p.cols} is odd: the fused Triton kernel reads whole bytes of each weight row"
     return None
 
 
@@ -54,13 +62,13 @@ def dequantize_nf4(weight, blocksize, numel, dtype):
 
 
 def nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, route):
-    from triton_ops.nf4_matmul import nf4_matmul as triton_nf4_matmul
+    from triton_ops import nf4_matmul as kernels
 
-    if route != "fused":
-        raise RuntimeError(f"lora_kernels: the triton backend has only the fused route, got {route!r}")
+    if route not in ROUTES:
+        raise RuntimeError(f"lora_kernels: the triton backend's routes are {ROUTES}, got {route!r}")
+    launch = kernels.nf4_matmul if route == "fused" else kernels.dequant_gemm
     with _on_device_of(x):
-        return triton_nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling,
-                                 bias)
+        return launch(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias)
 
 
 KERNELS = {"quantize_nf4": quantize_nf4, "dequantize_nf4": dequantize_nf4, "nf4_matmul": nf4_matmul}
