@@ -46,6 +46,7 @@ FUSED_MAX_ROWS = {
     "cuda": {"default": 16},
     "triton": {"default": 16},
 }
+_MEASURED_LIMITS = ("cpu",)  # the others are forecasts until a GPU measures them
 
 
 # ---- backends ------------------------------------------------------------------------------------
@@ -204,9 +205,10 @@ def choose_route(backend: str, p: MatmulProblem) -> tuple[str, str]:
         return "dequant_gemm", problem
     table = FUSED_MAX_ROWS[backend]
     limit = table.get(p.arch, table["default"])
+    basis = "measured" if backend in _MEASURED_LIMITS else "forecast, not yet measured"
     if p.M <= limit:
-        return "fused", f"M={p.M} <= {limit}, the fused kernel's measured range on {backend}/{p.arch}"
-    return "dequant_gemm", f"M={p.M} > {limit}: dequantize + GEMM measured faster on {backend}/{p.arch}"
+        return "fused", f"M={p.M} <= {limit}, the fused kernel's range on {backend}/{p.arch} ({basis})"
+    return "dequant_gemm", f"M={p.M} > {limit}: dequantize + GEMM is faster on {backend}/{p.arch} ({basis})"
 
 
 def _aligned(t: torch.Tensor) -> bool:

@@ -49,18 +49,7 @@ def dequantize(dt, arch, double_quant, options):
         {"BS": 64, "BYTES": 1024, "DOUBLE_QUANT": double_quant, "INTERPRET": False}, arch, options)
 
 def matmul(dt, arch, double_quant, options):
-    ptr = f"*{dt}"
-    signature = {
-        "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
-        "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32",
-        "lora_left_ptr": ptr, "lora_right_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr,
-        "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32", "M_BUCKET": "i32", "rank": "i32",
-        "lora_scaling": "fp32",
-    }
-    constexprs = dict(
-        BS=64, WHOLE_BLOCKS=False, DOUBLE_QUANT=double_quant, HAS_LORA=True, HAS_BIAS=True, DOT_FP32=dt == "fp32",
-        INTERPRET=False, LORA_DOT_FP32=dt == "fp32", BLOCK_R=16, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=8,
-    )
+    signature, constexprs = matmul_module.compile_args(dt, double_quant, False, 32, 64)
     options = {"num_warps": 4, "num_stages": 2, **options}
     return compile_kernel(matmul_module._nf4_matmul_kernel.fn, signature, constexprs, arch, options)
 

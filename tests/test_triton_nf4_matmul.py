@@ -212,19 +212,7 @@ from triton_ops._nf4 import compile_options
 kernel = matmul_module._nf4_matmul_kernel.fn  # the jitted function under @triton.autotune
 
 def compile_ptx(dtype, arch, bn, bk, warps, stages, double_quant=False, whole_blocks=True):
-    ptr = f"*{dtype}"
-    signature = {
-        "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
-        "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32",
-        "lora_left_ptr": ptr, "lora_right_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr,
-        "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32", "M_BUCKET": "i32", "rank": "i32",
-        "lora_scaling": "fp32",
-    }
-    constexprs = dict(
-        BS=64, WHOLE_BLOCKS=whole_blocks, DOUBLE_QUANT=double_quant, HAS_LORA=True, HAS_BIAS=True,
-        DOT_FP32=dtype == "fp32", INTERPRET=False, LORA_DOT_FP32=dtype == "fp32", BLOCK_R=16,
-        BLOCK_M=matmul_module.BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-    )
+    signature, constexprs = matmul_module.compile_args(dtype, double_quant, whole_blocks, bn, bk)
     signature.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     options = {"num_warps": warps, "num_stages": stages, **compile_options(double_quant)}

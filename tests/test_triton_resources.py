@@ -52,18 +52,7 @@ def compile_kernel(fn, signature, constexprs, arch, options, divisible):
 def matmul(arch, variant, bn, bk, warps, stages):
     dt, scales = variant.split("-")
     dq = scales == "dq"
-    ptr = f"*{dt}"
-    signature = {
-        "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32", "nested_absmax_ptr": "*fp32",
-        "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "lora_left_ptr": ptr, "lora_right_ptr": ptr,
-        "bias_ptr": ptr, "out_ptr": ptr, "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32",
-        "M_BUCKET": "i32", "rank": "i32", "lora_scaling": "fp32",
-    }
-    constexprs = dict(
-        BS=64, WHOLE_BLOCKS=True, DOUBLE_QUANT=dq, HAS_LORA=True, HAS_BIAS=True, DOT_FP32=dt == "fp32",
-        INTERPRET=False, LORA_DOT_FP32=dt == "fp32", BLOCK_R=16, BLOCK_M=matmul_module.BLOCK_M, BLOCK_N=bn,
-        BLOCK_K=bk, GROUP_M=8,
-    )
+    signature, constexprs = matmul_module.compile_args(dt, dq, True, bn, bk)
     options = {"num_warps": warps, "num_stages": stages, **compile_options(dq)}
     return compile_kernel(matmul_module._nf4_matmul_kernel.fn, signature, constexprs, arch, options,
                           {"N", "K", "row_bytes"})

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from ._nf4 import NF4_VALUES, compile_options
-from .quant import _block_scale, _interpreting, _round_to, dequantize_nf4
+from .quant import _block_scale, _interpreting, _round_to, dequantize_nf4, kernel_weight
 
 
 
@@ -301,10 +301,8 @@ def nf4_matmul(
     or None. Returns [M, rows] in x.dtype.
     The caller validates; only the assumptions the kernel relies on are checked.
     """
-    packed, absmax, nested_absmax, nested_code, offset = weight
-    double_quant = nested_absmax is not None
+    double_quant = weight[2] is not None
     assert x.dim() == 2 and blocksize & (blocksize - 1) == 0
-    assert double_quant == (absmax.dtype == torch.uint8)
     if transpose or cols % 2:
         raise ValueError("the fused Triton kernel takes forward matmuls with an even in_features; "
                          f"got transpose={transpose}, in_features={cols}: use dequant_gemm")
@@ -317,13 +315,7 @@ def nf4_matmul(
         return out
     # the kernel indexes every tensor densely; stride-0 views (e.g. grads of .sum()) must be copied
     x = x.contiguous()
-    packed = packed.contiguous()
-    absmax = absmax.contiguous()
-    if double_quant:
-        nested_absmax = nested_absmax.contiguous()
-        nested_code = nested_code.contiguous()
-    else:  # never read: DOUBLE_QUANT is False
-        nested_absmax = nested_code = offset = absmax
+    packed, absmax, nested_absmax, nested_code, offset = kernel_weight(weight)
     interpreting = _interpreting()
 
     has_lora = lora_left is not None
@@ -404,3 +396,23 @@ def dequant_gemm(
     if bias is not None:
         out.add_(bias)
     return out
+
+
+def compile_args(x_dtype: str, double_quant: bool, whole_blocks: bool, block_n: int, block_k: int):
+    """(signature, constexprs) of `_nf4_matmul_kernel` for `triton.compile` on a GPU target, as the
+    launcher would pass them (x_dtype "bf16" / "fp16" / "fp32"; LoRA and bias on): what the tests
+    compile for sm_80 .. sm_90 without a GPU."""
+    ptr = f"*{x_dtype}"
+    signature = {
+        "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
+        "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32",
+        "lora_left_ptr": ptr, "lora_right_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr,
+        "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32", "M_BUCKET": "i32", "rank": "i32",
+        "lora_scaling": "fp32",
+    }
+    constexprs = dict(
+        BS=64, WHOLE_BLOCKS=whole_blocks, DOUBLE_QUANT=double_quant, HAS_LORA=True, HAS_BIAS=True,
+        DOT_FP32=x_dtype == "fp32", INTERPRET=False, LORA_DOT_FP32=x_dtype == "fp32", BLOCK_R=16,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+    )
+    return signature, constexprs

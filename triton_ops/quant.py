@@ -155,6 +155,19 @@ def quantize_nf4(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.T
     return packed, absmax
 
 
+def kernel_weight(weight) -> tuple[torch.Tensor, ...]:
+    """The weight bundle (packed, absmax, nested_absmax, nested_code, offset) as the kernels read
+    it: every tensor dense (a stride-0 view, e.g. from .expand(), would read garbage), and for
+    plain fp32 scales the three nested pointers set to absmax (never read: DOUBLE_QUANT is False)."""
+    packed, absmax, nested_absmax, nested_code, offset = weight
+    double_quant = nested_absmax is not None
+    assert double_quant == (absmax.dtype == torch.uint8)
+    packed, absmax = packed.contiguous(), absmax.contiguous()
+    if not double_quant:
+        return packed, absmax, absmax, absmax, absmax
+    return packed, absmax, nested_absmax.contiguous(), nested_code.contiguous(), offset
+
+
 def dequantize_nf4(weight, blocksize: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """weight -> flat [numel] in dtype (bf16 / fp16 / fp32), each value rounded once from fp32.
 
@@ -163,19 +176,12 @@ def dequantize_nf4(weight, blocksize: int, numel: int, dtype: torch.dtype) -> to
     nested_absmax fp32 [ceil(nblocks / 256)], nested_code fp32 [256] and offset fp32 [].
     The caller validates; only the assumptions the kernel relies on are asserted.
     """
-    packed, absmax, nested_absmax, nested_code, offset = weight
-    double_quant = nested_absmax is not None
-    assert blocksize % 2 == 0 and double_quant == (absmax.dtype == torch.uint8)
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    double_quant = weight[2] is not None
+    assert blocksize % 2 == 0
+    out = torch.empty(numel, dtype=dtype, device=weight[0].device)
     if numel == 0:
         return out
-    packed = packed.contiguous()
-    absmax = absmax.contiguous()
-    if double_quant:
-        nested_absmax = nested_absmax.contiguous()
-        nested_code = nested_code.contiguous()
-    else:  # never read: DOUBLE_QUANT is False
-        nested_absmax = nested_code = offset = absmax
+    packed, absmax, nested_absmax, nested_code, offset = kernel_weight(weight)
     nbytes = (numel + 1) // 2
     block_bytes = 1024
     _dequantize_kernel[(triton.cdiv(nbytes, block_bytes),)](
