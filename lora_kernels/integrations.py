@@ -24,12 +24,17 @@ import torch
 from torch import nn
 
 from .modules import (
+    LORA_KEYWORDS,
     PEFT_PREFIX,
     QLoRALinear,
+    _build_each,
+    _check_lora_kwargs,
+    _copy_plan,
+    _lora_config_problems,
+    _plan_adapter_load,
     adapter_state_dict,
-    load_adapter_state_dict,
+    freeze_all_but_lora,
     lora_layers,
-    replace_linear,
     swap_modules,
 )
 from .nf4 import _QUANT_STATE_KEY, NF4Weight
@@ -102,13 +107,42 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mo
         json.dump(config, f, indent=2, sort_keys=True)
 
 
-def _pattern_value(pattern: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name it ends (peft
-    `tuners_utils.get_pattern_key`: re.match(rf"(.*\\.)?({key})$", name))."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+def _pattern_value(pattern: list[tuple[re.Pattern, str, object]], name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the module name's end (peft
+    `tuners_utils.get_pattern_key`: re.match(rf"(.*\\.)?({key})$", name)). pattern: (compiled, key, value)."""
+    for compiled, _, value in pattern:
+        if compiled.match(name):
             return value
     return default
+
+
+def _lora_settings(config: dict, config_path: str) -> dict:
+    """The config's LoRA values, every one checked (types and ranges, the patterns' keys compiled as PEFT
+    compiles them): {r, lora_alpha, use_rslora, lora_dropout, rank_pattern, alpha_pattern}. A ValueError
+    names the file and each key that does not fit."""
+    settings = {"r": config.get("r", 8), "lora_alpha": config.get("lora_alpha", 8),
+                "use_rslora": config.get("use_rslora", False), "lora_dropout": config.get("lora_dropout", 0.0)}
+    problems = _lora_config_problems(**settings)  # each message names its key
+    for key, value_key in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+        pattern = config.get(key) or {}
+        settings[key] = []
+        if not isinstance(pattern, dict):
+            problems.append(f"{key}: expected an object mapping module names to values, got {pattern!r}")
+            continue
+        for name, value in pattern.items():
+            try:
+                compiled = re.compile(rf"(.*\.)?({name})$")
+            except re.error as exc:
+                problems.append(f"{key}[{name!r}]: not a valid regular expression ({exc})")
+                continue
+            wrong = _lora_config_problems(**{value_key: value})
+            if wrong:
+                problems += [f"{key}[{name!r}]: {msg}" for msg in wrong]
+                continue
+            settings[key].append((compiled, name, value))
+    if problems:
+        raise ValueError(f"{config_path}: nothing loaded:\n  " + "\n  ".join(problems))
+    return settings
 
 
 _UNSUPPORTED = {
@@ -124,12 +158,17 @@ _UNSUPPORTED = {
 }
 
 
-def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     config_path = os.path.join(directory, ADAPTER_CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter folder")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config_path}: not a valid JSON file ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got a {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; lora-kernels loads LORA adapters")
     unsupported = [f"{key}={config[key]!r}" for key, allowed in _UNSUPPORTED.items()
@@ -145,7 +184,9 @@ def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.T
         tensors = torch.load(os.path.join(directory, ADAPTER_WEIGHTS_BIN), map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"{directory} has neither {ADAPTER_WEIGHTS} nor {ADAPTER_WEIGHTS_BIN}")
-    return config, tensors
+    if not isinstance(tensors, dict):
+        raise ValueError(f"{directory}: the adapter weights are a {type(tensors).__name__}, not a dict of tensors")
+    return config, _lora_settings(config, config_path), tensors
 
 
 def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progress: bool = False,
@@ -153,18 +194,22 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progres
     """Load a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) into the model.
 
     The layers adapted are the ones the file holds tensors for (the layers the config's target_modules
-    matched when it was saved). A layer that is still an nn.Linear is swapped with replace_linear using the
-    config's r (rank_pattern), lora_alpha (alpha_pattern), use_rslora and lora_dropout; lora_kwargs adds
-    QLoRALinear's other keywords (compute_dtype, blocksize, ...). A layer already a QLoRALinear must have
-    the config's r, lora_alpha and use_rslora. Everything is checked before anything is swapped or copied:
-    on a problem a ValueError names each one and the model is unchanged. Returns the names swapped here.
+    matched when it was saved). A layer that is still an nn.Linear becomes a QLoRALinear with the config's
+    r (rank_pattern), lora_alpha (alpha_pattern), use_rslora and lora_dropout; lora_kwargs adds
+    QLoRALinear's other keywords (compute_dtype, blocksize, double_quant, lora_dtype). A layer already a
+    QLoRALinear must have the config's r, lora_alpha and use_rslora (it keeps its own lora_dropout).
+    Checked first, changed after: the JSON, every config value (types and ranges, the patterns' keys
+    compiled), every tensor, and every new layer (quantized before any is swapped in); on a problem a
+    ValueError names the file, module and key of each one and the model is exactly as it was. Then the
+    new layers are swapped in, the rest of the model frozen as `replace_linear` does (LoRA factors keep
+    their requires_grad, so earlier adapters still train), and the tensors copied. Returns the names swapped.
     """
-    config, tensors = _read_adapter(directory)
+    config, settings, tensors = _read_adapter(directory)
     for key in ("r", "lora_alpha", "use_rslora", "lora_dropout"):
         if key in lora_kwargs:
             raise TypeError(f"load_peft_adapter takes {key} from {ADAPTER_CONFIG}, not as a keyword")
-    default_r, default_alpha = int(config.get("r", 8)), config.get("lora_alpha", 8)
-    use_rslora, dropout = bool(config.get("use_rslora", False)), float(config.get("lora_dropout", 0.0) or 0.0)
+    _check_lora_kwargs(lora_kwargs, "load_peft_adapter")
+    use_rslora, dropout = settings["use_rslora"], settings["lora_dropout"]
 
     problems, factors = [], {}
     for key, t in tensors.items():
@@ -174,13 +219,13 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progres
             continue
         factors.setdefault(match.group(1), {})[match.group(2)] = t
     modules = dict(model.named_modules())
-    to_swap: dict[tuple[int, float], list[str]] = {}
+    chosen = []
     for name, pair in factors.items():
         if set(pair) != {"lora_A", "lora_B"}:
             problems.append(f"{name}: the file has {sorted(pair)} but not both lora_A and lora_B")
             continue
-        r = int(_pattern_value(config.get("rank_pattern"), name, default_r))
-        alpha = _pattern_value(config.get("alpha_pattern"), name, default_alpha)
+        r = _pattern_value(settings["rank_pattern"], name, settings["r"])
+        alpha = _pattern_value(settings["alpha_pattern"], name, settings["lora_alpha"])
         module = modules.get(name)
         if module is None:
             problems.append(f"{name}: the model has no module of that name")
@@ -199,34 +244,43 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progres
                 problems.append(f"{name}: the layer has r={module.r}, lora_alpha={module.lora_alpha}, use_rslora="
                                 f"{module.use_rslora}; the adapter r={r}, lora_alpha={alpha}, use_rslora={use_rslora}")
         else:
-            to_swap.setdefault((r, alpha), []).append(name)
+            chosen.append((name, module, dict(lora_kwargs, r=r, lora_alpha=alpha, use_rslora=use_rslora,
+                                              lora_dropout=dropout)))
     missing = [name for name in lora_layers(model) if name not in factors]
     if missing:
         problems.append(f"the model's QLoRALinear layers {missing} have no tensors in the adapter")
     if not factors and not problems:
         problems.append("the adapter holds no LoRA tensors")
+    if not problems:
+        # Every new layer is built, and every tensor planned into its layer, before the model changes.
+        built = _build_each(chosen, QLoRALinear.from_linear, progress)
+        plan, problems = _plan_adapter_load({**lora_layers(model), **dict(built)}, tensors, PEFT_PREFIX)
     if problems:
         raise ValueError(f"adapter {directory} does not fit the model, nothing loaded:\n  " + "\n  ".join(problems))
 
-    swapped = []
-    for (r, alpha), names in to_swap.items():
-        swapped += replace_linear(model, target_modules=names, include_tied=True, progress=progress, r=r,
-                                  lora_alpha=alpha, use_rslora=use_rslora, lora_dropout=dropout, **lora_kwargs)
-    load_adapter_state_dict(model, tensors, prefix=PEFT_PREFIX)
-    return swapped
+    swap_modules(model, built)
+    freeze_all_but_lora(model)
+    _copy_plan(plan)
+    return [name for name, _ in built]
 
 
 # ---- bitsandbytes models --------------------------------------------------------------------------
-def from_bnb_model(model: nn.Module, **lora_kwargs) -> list[str]:
+def from_bnb_model(model: nn.Module, *, freeze: bool = True, **lora_kwargs) -> list[str]:
     """Swap every bitsandbytes `Linear4bit` (nf4) in the model for a QLoRALinear holding the same NF4
     bytes and scales (shared, not dequantized or copied), in place. Returns the swapped names.
 
     lora_kwargs: QLoRALinear.from_bnb's keywords (r, lora_alpha, lora_dropout, use_rslora, compute_dtype,
-    ...). Every layer is checked and built before any is swapped, so an fp4 layer (or one bitsandbytes has
-    repacked for CPU inference) leaves the model unchanged. Afterwards only the LoRA factors require grad.
+    ...; blocksize and double quantization come from each bitsandbytes layer). The keywords are checked and
+    every layer built before any is swapped, so a bad keyword, an fp4 layer (or one bitsandbytes has repacked
+    for CPU inference) leaves the model unchanged. freeze: as in `replace_linear` (every parameter that is
+    not a LoRA factor of a QLoRALinear is frozen; LoRA factors made earlier keep their requires_grad).
     """
     import bitsandbytes as bnb
 
+    _check_lora_kwargs(lora_kwargs, "from_bnb_model",
+                       allowed=tuple(k for k in LORA_KEYWORDS if k not in ("blocksize", "double_quant")))
+    if not isinstance(freeze, bool):
+        raise ValueError(f"freeze must be True or False, got {freeze!r}")
     built, problems = [], []
     for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit):
@@ -239,9 +293,9 @@ def from_bnb_model(model: nn.Module, **lora_kwargs) -> list[str]:
         raise ValueError("cannot swap these Linear4bit layers, nothing changed:\n  " + "\n  ".join(problems))
     if not built:
         raise ValueError("the model has no bitsandbytes Linear4bit layers")
-    for p in model.parameters():
-        p.requires_grad_(False)
     swap_modules(model, built)
+    if freeze:
+        freeze_all_but_lora(model)
     return [name for name, _ in built]
 
 
@@ -327,6 +381,8 @@ def load_model(model: nn.Module, path: str | os.PathLike) -> None:
                 raise ValueError(f"shape {tuple(q.shape)}, the layer is [{layer.out_features}, {layer.in_features}]")
         except ValueError as exc:
             misshaped.append(f"{prefix}weight: {exc}")
+        except (KeyError, TypeError, AttributeError) as exc:  # a quant_state JSON missing a field, or of a wrong type
+            misshaped.append(f"{prefix}weight: its quant_state does not decode ({type(exc).__name__}: {exc})")
     problems = ([f"missing: {', '.join(missing)}"] if missing else []) + \
                ([f"unexpected: {', '.join(unexpected)}"] if unexpected else []) + misshaped
     if problems:

@@ -9,6 +9,7 @@ bias [out]. Its state dict keeps the base in bitsandbytes' `Linear4bit` layout (
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable
 
@@ -58,10 +59,9 @@ class QLoRALinear(nn.Module):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be positive, got {in_features} and {out_features}")
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        problems = _lora_config_problems(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+        if problems:
+            raise ValueError("; ".join(problems))
         if compute_dtype not in SUPPORTED_DTYPES or lora_dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"compute_dtype and lora_dtype must be one of {SUPPORTED_DTYPES}")
         self.in_features, self.out_features = in_features, out_features
@@ -334,6 +334,86 @@ class QLoRALinear(nn.Module):
         return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
 
 
+# ---- checking a LoRA configuration --------------------------------------------------------------
+def _lora_config_problems(**values) -> list[str]:
+    """What is wrong with the given LoRA hyperparameters (r, lora_alpha, lora_dropout, use_rslora), one
+    message each; [] when all fit. Types are checked, not coerced: r = 4.9 or True is refused rather than
+    read as 4 or 1, lora_alpha must be finite (NaN would make every output NaN), and a boolean must be a
+    bool (the string "false" is truthy)."""
+    problems = []
+    for key, value in values.items():
+        if key == "r":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                problems.append(f"LoRA rank r must be a positive integer, got {value!r}")
+        elif key == "lora_alpha":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                problems.append(f"lora_alpha must be a finite real number, got {value!r}")
+        elif key == "lora_dropout":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+                problems.append(f"lora_dropout must be a number in [0, 1), got {value!r}")
+        elif key == "use_rslora":
+            if not isinstance(value, bool):
+                problems.append(f"use_rslora must be True or False, got {value!r}")
+    return problems
+
+
+# Keywords replace_linear / from_bnb_model pass on to each QLoRALinear; the rest of QLoRALinear's
+# arguments come from the layer being replaced.
+LORA_KEYWORDS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "blocksize", "double_quant", "compute_dtype",
+                 "lora_dtype")
+_FROM_THE_LAYER = {
+    "in_features": "the linear layer's in_features",
+    "out_features": "the linear layer's out_features",
+    "bias": "the linear layer (a layer with a bias keeps it, frozen)",
+    "device": "the linear layer's device (move the model with .to() before or after)",
+    "_weight": "the linear layer's weight",
+}
+
+
+def _check_lora_kwargs(lora_kwargs: dict, caller: str, allowed=LORA_KEYWORDS) -> None:
+    """Refuse, before anything is built, a keyword the swap cannot honour or a LoRA value that does not fit."""
+    for key in lora_kwargs:
+        if key in _FROM_THE_LAYER:
+            raise ValueError(f"{caller} takes {key} from {_FROM_THE_LAYER[key]}, not as a keyword")
+        if key not in allowed:
+            raise TypeError(f"{caller} got an unexpected keyword {key!r}; "
+                            f"QLoRALinear's keywords here are {', '.join(allowed)}")
+    problems = _lora_config_problems(**{k: v for k, v in lora_kwargs.items() if k in ("r", "lora_alpha",
+                                                                                      "lora_dropout", "use_rslora")})
+    if problems:
+        raise ValueError(f"{caller}: " + "; ".join(problems))
+
+
+def _build_each(chosen: list[tuple[str, nn.Module, dict]], build, progress: bool) -> list[tuple[str, nn.Module]]:
+    """build(module, **kwargs) for each (name, module, kwargs); an error names the layer. Nothing in the
+    model changes here: the caller swaps the built layers in only once every one was built."""
+    iterator = chosen
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(chosen, desc="quantizing to NF4", unit="layer")
+        except ImportError:
+            pass
+    built = []
+    for name, module, kwargs in iterator:
+        try:
+            built.append((name, build(module, **kwargs)))
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{name}: {exc}") from exc
+    return built
+
+
+def freeze_all_but_lora(model: nn.Module) -> None:
+    """requires_grad=False on every parameter of the model that is not a LoRA factor (lora_A / lora_B) of
+    a QLoRALinear. The LoRA factors are left as they are, so calling it again (a second replace_linear,
+    a second adapter group) never freezes adapters made earlier, and a factor frozen on purpose stays frozen."""
+    lora = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
+    for p in model.parameters():
+        if id(p) not in lora:
+            p.requires_grad_(False)
+
+
 def _matches(name: str, targets: str | Iterable[str]) -> bool:
     if targets == "all-linear":
         return True
@@ -354,6 +434,7 @@ def replace_linear(
     *,
     exclude_modules: Iterable[str] = (),
     include_tied: bool = False,
+    freeze: bool = True,
     progress: bool = True,
     **lora_kwargs,
 ) -> list[str]:
@@ -361,11 +442,19 @@ def replace_linear(
 
     target_modules: "all-linear", or name suffixes (PEFT's convention: "q_proj" matches
     "model.layers.0.self_attn.q_proj"). Skipped: names in exclude_modules, and a linear layer whose
-    weight is tied to the input embeddings (e.g. an `lm_head`) unless include_tied. Every matched
-    layer is quantized first, then all are swapped, so a failure leaves the model unchanged.
-    Afterwards only the LoRA factors require grad (the rest of the model is frozen, as PEFT does).
-    lora_kwargs: QLoRALinear's keywords (r, lora_alpha, lora_dropout, use_rslora, compute_dtype, ...).
+    weight is tied to the input embeddings (e.g. an `lm_head`) unless include_tied.
+    lora_kwargs: QLoRALinear's keywords (r, lora_alpha, lora_dropout, use_rslora, compute_dtype, blocksize,
+    double_quant, lora_dtype); in_features, out_features, bias and device come from each linear layer.
+    Checked first, changed after: the keywords are checked, then every matched layer is quantized, then
+    all are swapped, so an error (naming the layer) leaves the model exactly as it was.
+    freeze=True (PEFT's behaviour): afterwards every parameter that is not a LoRA factor of a QLoRALinear
+    has requires_grad=False; LoRA factors are never touched, so a second call does not freeze the adapters
+    of the first. freeze=False: the rest of the model keeps its requires_grad. Either way the new layers'
+    lora_A / lora_B train and their NF4 base and bias are frozen.
     """
+    _check_lora_kwargs(lora_kwargs, "replace_linear")
+    if not isinstance(freeze, bool):
+        raise ValueError(f"freeze must be True or False, got {freeze!r}")
     exclude = list(exclude_modules)
     chosen = []
     for name, mod in model.named_modules():
@@ -376,29 +465,24 @@ def replace_linear(
         if not include_tied and _tied_to_input_embeddings(model, mod):
             warnings.warn(f"not swapping {name}: its weight is tied to the input embeddings (include_tied=True swaps it)")
             continue
-        chosen.append((name, mod))
+        chosen.append((name, mod, lora_kwargs))
     if target_modules != "all-linear" and not chosen:
         raise ValueError(f"no nn.Linear in the model matches target_modules={target_modules!r}")
-    iterator = chosen
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(chosen, desc="quantizing to NF4", unit="layer")
-        except ImportError:
-            pass
-    built = [(name, QLoRALinear.from_linear(mod, **dict(lora_kwargs))) for name, mod in iterator]
-    for p in model.parameters():
-        p.requires_grad_(False)
+    built = _build_each(chosen, QLoRALinear.from_linear, progress)
     swap_modules(model, built)
+    if freeze:
+        freeze_all_but_lora(model)
     return [name for name, _ in built]
 
 
 def swap_modules(model: nn.Module, built: list[tuple[str, nn.Module]]) -> None:
-    """Put each (dotted name, module) of `built` in the model in place of the module of that name."""
+    """Put each (dotted name, module) of `built` in the model in place of the module of that name.
+    Every parent is looked up before the first swap, so a name the model lacks changes nothing."""
+    parents = []
     for name, layer in built:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parents.append((model.get_submodule(parent_name) if parent_name else model, child, layer))
+    for parent, child, layer in parents:
         setattr(parent, child, layer)
 
 
@@ -413,13 +497,11 @@ def adapter_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX) -> dict[str,
             for key, t in layer.adapter_state_dict().items()}
 
 
-def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
-                            prefix: str = PEFT_PREFIX) -> None:
-    """Load PEFT-named adapter tensors into the model's QLoRALinear layers. Every key must name a
-    layer of the model and every tensor must fit, or nothing is loaded (ValueError names them)."""
-    layers = lora_layers(model)
-    plan, problems = [], []
-    seen = set()
+def _plan_adapter_load(layers: dict[str, QLoRALinear], state_dict: dict[str, torch.Tensor],
+                       prefix: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """(param, tensor) pairs to copy, and the problems (each naming its key), for loading PEFT-named
+    adapter tensors into `layers` ({module path: QLoRALinear}). Copies nothing."""
+    plan, problems, seen = [], [], {}
     for key, t in state_dict.items():
         name = key[len(prefix):] if key.startswith(prefix) else key
         layer_name, _, which = name.rpartition(".lora_")
@@ -430,20 +512,43 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
         if layer is None or which not in ("lora_A.weight", "lora_B.weight"):
             problems.append(f"{key}: no QLoRALinear layer or LoRA factor of that name")
             continue
+        if (layer_name, which) in seen:
+            problems.append(f"{key}: the same factor as {seen[layer_name, which]}")
+            continue
+        seen[layer_name, which] = key
         param = layer.lora_A if which == "lora_A.weight" else layer.lora_B
+        if not isinstance(t, torch.Tensor):
+            problems.append(f"{key}: a {type(t).__name__}, not a tensor")
+            continue
+        if not t.is_floating_point():
+            problems.append(f"{key}: dtype {t.dtype}, a LoRA factor is a floating-point tensor")
+            continue
         if tuple(t.shape) != tuple(param.shape):
             problems.append(f"{key}: shape {tuple(t.shape)}, the layer's is {tuple(param.shape)}")
             continue
         plan.append((param, t))
-        seen.add((layer_name, which))
     missing = [f"{n}.{w}" for n in layers for w in ("lora_A.weight", "lora_B.weight") if (n, w) not in seen]
     if missing:
         problems.append(f"missing: {', '.join(missing)}")
-    if problems:
-        raise ValueError("adapter does not fit the model, nothing loaded:\n  " + "\n  ".join(problems))
+    return plan, problems
+
+
+def _copy_plan(plan: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
         for param, t in plan:
             param.copy_(t.to(param.dtype))
 
 
-__all__ = ["QLoRALinear", "replace_linear", "adapter_state_dict", "load_adapter_state_dict", "lora_layers"]
+def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                            prefix: str = PEFT_PREFIX) -> None:
+    """Load PEFT-named adapter tensors into the model's QLoRALinear layers. Every key must name a
+    factor of a layer of the model (once), every tensor must be floating point and of the factor's shape,
+    and every factor must be given, or nothing is loaded (a ValueError names each problem)."""
+    plan, problems = _plan_adapter_load(lora_layers(model), state_dict, prefix)
+    if problems:
+        raise ValueError("adapter does not fit the model, nothing loaded:\n  " + "\n  ".join(problems))
+    _copy_plan(plan)
+
+
+__all__ = ["QLoRALinear", "replace_linear", "adapter_state_dict", "load_adapter_state_dict", "lora_layers",
+           "freeze_all_but_lora"]

@@ -157,6 +157,121 @@ def test_bad_adapter_is_refused_whole(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in lk.adapter_state_dict(swapped).items())
 
 
+def _snapshot(model):
+    """Everything a refused load must leave as it was: the module tree, the state dict, requires_grad."""
+    return ([(n, type(m)) for n, m in model.named_modules()], _state(model),
+            [(n, p.requires_grad) for n, p in model.named_parameters()])
+
+
+def _unchanged(before, model):
+    tree, state, grads = before
+    now_tree, now_state, now_grads = _snapshot(model)
+    return tree == now_tree and grads == now_grads and _same(state, now_state)
+
+
+def _adapter_folder(tmp_path, name, tensors, config=None, config_text=None):
+    os.makedirs(tmp_path / name)
+    safetensors_torch.save_file(tensors, tmp_path / name / "adapter_model.safetensors")
+    (tmp_path / name / "adapter_config.json").write_text(json.dumps(config) if config_text is None else config_text)
+    return tmp_path / name
+
+
+def _good_adapter(tmp_path, base):
+    src = copy.deepcopy(base)
+    lk.replace_linear(src, ["query", "value"], r=4, lora_alpha=8, compute_dtype=torch.float32, progress=False)
+    randomize_lora(src, 2, scale=0.1)
+    lk.save_peft_adapter(src, tmp_path / "good")
+    tensors = safetensors_torch.load_file(tmp_path / "good" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
+    return src, tensors, config
+
+
+def test_bad_adapter_config_is_refused_before_anything_changes(tmp_path):
+    base = _tiny_bert()
+    _, tensors, config = _good_adapter(tmp_path, base)
+    # rank_pattern gives the value layers r = 0 and the file has empty factors for them, so the shapes fit
+    # r = 0: the old code swapped the query layers, then failed building the value ones.
+    empty = {k: (torch.zeros(0, 64) if ".value.lora_A" in k else torch.zeros(64, 0) if ".value.lora_B" in k else v)
+             for k, v in tensors.items()}
+    cases = {
+        "rank_zero": (empty, {**config, "rank_pattern": {"value": 0}}, r"rank_pattern\['value'\]: LoRA rank r"),
+        "alpha_str": (tensors, {**config, "lora_alpha": "eight"}, "adapter_config.json: nothing loaded:\n  lora_alpha must be a finite"),
+        "alpha_null": (tensors, {**config, "lora_alpha": None}, "adapter_config.json: nothing loaded:\n  lora_alpha must be a finite"),
+        "alpha_nan": (tensors, {**config, "lora_alpha": float("nan")}, "finite real number, got nan"),
+        "alpha_pattern_str": (tensors, {**config, "alpha_pattern": {"value": "16"}}, r"alpha_pattern\['value'\]"),
+        "rslora_str": (tensors, {**config, "use_rslora": "false"}, "use_rslora must be True or False, got 'false'"),
+        "r_float": (tensors, {**config, "r": 4.9}, "r must be a positive integer, got 4.9"),
+        "r_bool": (tensors, {**config, "r": True}, "r must be a positive integer, got True"),
+        "dropout_high": (tensors, {**config, "lora_dropout": 1.5}, r"lora_dropout must be a number in \[0, 1\)"),
+        "bad_regex": (tensors, {**config, "rank_pattern": {"val(ue": 4}},
+                      r"rank_pattern\['val\(ue'\]: not a valid regular expression"),
+        "pattern_list": (tensors, {**config, "rank_pattern": [4]}, "rank_pattern: expected an object"),
+        "garbage_json": (tensors, "{\"r\": 4, \"lora_alpha\":", "adapter_config.json: not a valid JSON file"),
+        "binary_json": (tensors, "\udcff\udcfe", "adapter_config.json: not a valid JSON file"),
+        "json_list": (tensors, "[1, 2]", "adapter_config.json: expected a JSON object, got a list"),
+    }
+    for name, (t, c, message) in cases.items():
+        if isinstance(c, str):
+            folder = tmp_path / name
+            os.makedirs(folder)
+            safetensors_torch.save_file(t, folder / "adapter_model.safetensors")
+            (folder / "adapter_config.json").write_bytes(c.encode("utf-8", "surrogateescape"))
+        else:
+            folder = _adapter_folder(tmp_path, name, t, c)
+        model = copy.deepcopy(base)
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match=message):
+            lk.load_peft_adapter(model, folder)
+        assert _unchanged(before, model), name
+
+    # the layers already swapped: an invalid lora_dropout is refused there too, not ignored
+    swapped = copy.deepcopy(base)
+    lk.replace_linear(swapped, ["query", "value"], r=4, lora_alpha=8, progress=False)
+    before = _snapshot(swapped)
+    for dropout in (1.5, -0.1):
+        with pytest.raises(ValueError, match="lora_dropout"):
+            lk.load_peft_adapter(swapped, _adapter_folder(tmp_path, f"drop{dropout}", tensors,
+                                                          {**config, "lora_dropout": dropout}))
+        assert _unchanged(before, swapped)
+
+
+def test_bad_adapter_tensors_are_refused_before_anything_changes(tmp_path):
+    base = _tiny_bert()
+    _, tensors, config = _good_adapter(tmp_path, base)
+    one_a = "base_model.model.encoder.layer.1.attention.self.value.lora_A.weight"
+    cases = {
+        "integers": {**tensors, one_a: tensors[one_a].to(torch.int32)},
+        "twice": {**tensors, one_a.replace("lora_A.weight", "lora_A.default.weight"): tensors[one_a].clone()},
+    }
+    for name, t in cases.items():
+        model = copy.deepcopy(base)
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match=re.escape(one_a.replace(".lora_A.weight", "")[len("base_model.model."):])):
+            lk.load_peft_adapter(model, _adapter_folder(tmp_path, name, t, config))
+        assert _unchanged(before, model), name
+    with pytest.raises(ValueError, match="load_peft_adapter takes bias from the linear layer"):
+        lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "good", bias=False)
+
+
+def test_adapter_with_two_rank_groups_trains_both(tmp_path):
+    base = _tiny_bert()
+    src = copy.deepcopy(base)
+    lk.replace_linear(src, ["query"], r=4, lora_alpha=8, compute_dtype=torch.float32, progress=False)
+    lk.replace_linear(src, ["value"], r=2, lora_alpha=3, compute_dtype=torch.float32, progress=False)
+    randomize_lora(src, 2, scale=0.1)
+    assert len([p for p in src.parameters() if p.requires_grad]) == 8  # the second call froze nothing of the first
+    lk.save_peft_adapter(src, tmp_path / "two")
+    config = json.loads((tmp_path / "two" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and config["alpha_pattern"]  # two (r, alpha) groups
+    model = copy.deepcopy(base)
+    names = lk.load_peft_adapter(model, tmp_path / "two", compute_dtype=torch.float32)
+    assert len(names) == 4
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(f"{n}.lora_{ab}" for n in names for ab in "AB")
+    with torch.no_grad():
+        assert torch.equal(model(**_inputs()).last_hidden_state, src(**_inputs()).last_hidden_state)
+
+
 # ---- bitsandbytes models --------------------------------------------------------------------------
 def _mlp(seed=0):
     torch.manual_seed(seed)
@@ -213,6 +328,22 @@ def test_from_bnb_model_same_bytes_and_outputs():
     # three layers, within 2**-6 of the output's scale (4 bf16 ulps).
     assert (y_bnb.float() - y_ours.float()).abs().max() <= 2**-6 * y_bnb.float().abs().max()
     assert [p.requires_grad for p in swapped.parameters()].count(True) == 6  # lora_A, lora_B x 3
+
+
+def test_from_bnb_model_keeps_earlier_adapters_trainable_and_checks_keywords():
+    mixed = _bnb_model(_mlp())
+    mixed[2] = nn.Linear(mixed[2].in_features, mixed[2].out_features)  # a plain layer among the Linear4bit ones
+    lk.replace_linear(mixed, ["2"], r=4, progress=False)
+    before = _snapshot(mixed)
+    for kwargs, message in (({"bias": False}, "takes bias from the linear layer"),
+                            ({"lora_alpha": float("inf")}, "lora_alpha must be a finite"),
+                            ({"blocksize": 128}, "unexpected keyword 'blocksize'")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            lk.from_bnb_model(mixed, **kwargs)
+        assert _unchanged(before, mixed)
+    assert lk.from_bnb_model(mixed, r=4) == ["0", "4"]
+    assert [n for n, p in mixed.named_parameters() if p.requires_grad] == \
+        [f"{i}.lora_{ab}" for i in (0, 2, 4) for ab in "AB"]
 
 
 def test_bnb_round_trip_exact_bytes():
@@ -325,6 +456,29 @@ def test_load_model_refuses_bad_files_whole(tmp_path):
         with pytest.raises(ValueError, match=message):
             lk.load_model(dst, bad)
         assert _same(before, _state(dst)), name  # nothing copied
+
+
+def test_load_model_quant_state_that_does_not_decode_is_refused_whole(tmp_path):
+    src = _swapped_bert(0)
+    path = tmp_path / "model.safetensors"
+    lk.save_model(src, path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    good = safetensors_torch.load_file(path)
+    key = "encoder.layer.0.attention.self.query.weight.quant_state.bitsandbytes__nf4"
+    quant_state = json.loads(bytes(good[key].tolist()).decode())
+    dst = _swapped_bert(1)
+    before = _snapshot(dst)
+    for name, changed in (("no_shape", {k: v for k, v in quant_state.items() if k != "shape"}),
+                          ("str_shape", {**quant_state, "shape": "64x64"})):
+        bad = tmp_path / f"{name}.safetensors"
+        encoded = torch.tensor(list(json.dumps(changed).encode()), dtype=torch.uint8)
+        safetensors_torch.save_file({**good, key: encoded}, bad, metadata=meta)
+        with pytest.raises(ValueError, match="encoder.layer.0.attention.self.query.weight: its quant_state"):
+            lk.load_model(dst, bad)
+        assert _unchanged(before, dst), name
 
 
 # ---- summary --------------------------------------------------------------------------------------

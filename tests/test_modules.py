@@ -79,6 +79,75 @@ def test_replace_linear_swaps_targets_and_skips_tied_head():
         lk.replace_linear(LM(), ["v_proj"], progress=False)
 
 
+def _snapshot(model):
+    """Everything a failed call must leave as it was: the module tree, the state dict, requires_grad."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()},
+            [(n, p.requires_grad) for n, p in model.named_parameters()])
+
+
+def _unchanged(before, model):
+    tree, state, grads = before
+    now_tree, now_state, now_grads = _snapshot(model)
+    return (tree == now_tree and grads == now_grads and set(state) == set(now_state)
+            and all(state[k].dtype == now_state[k].dtype and torch.equal(state[k], now_state[k]) for k in state))
+
+
+def test_replace_linear_again_keeps_earlier_adapters_trainable():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 32))
+    assert lk.replace_linear(model, ["0"], r=4, progress=False) == ["0"]
+    assert lk.replace_linear(model, ["2"], r=4, progress=False) == ["2"]
+    assert lk.replace_linear(model, r=4, progress=False) == ["3"]
+    assert lk.replace_linear(model, r=4, progress=False) == []  # nothing left: idempotent
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == [f"{i}.lora_{ab}" for i in (0, 2, 3) for ab in "AB"]
+    # a factor frozen on purpose stays frozen; freeze=False leaves the rest of the model alone
+    model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 64))
+    lk.replace_linear(model, ["0"], r=4, progress=False)
+    model[0].lora_A.requires_grad_(False)
+    model[1].requires_grad_(True)
+    lk.replace_linear(model, ["2"], r=4, freeze=False, progress=False)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        ["0.lora_B", "1.weight", "1.bias", "2.lora_A", "2.lora_B"]
+    lk.replace_linear(model, r=4, progress=False)  # the documented freeze: everything but the LoRA factors
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.lora_B", "2.lora_A", "2.lora_B"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"bias": False}, "takes bias from the linear layer"),
+    ({"in_features": 8}, "takes in_features from"),
+    ({"r": True}, "r must be a positive integer, got True"),
+    ({"r": 4.9}, "r must be a positive integer, got 4.9"),
+    ({"r": 0}, "r must be a positive integer, got 0"),
+    ({"lora_alpha": "eight"}, "lora_alpha must be a finite real number"),
+    ({"lora_alpha": None}, "lora_alpha must be a finite real number"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite real number"),
+    ({"lora_alpha": False}, "lora_alpha must be a finite real number"),
+    ({"use_rslora": "false"}, "use_rslora must be True or False"),
+    ({"lora_dropout": 1.5}, r"lora_dropout must be a number in \[0, 1\)"),
+    ({"lora_dropout": -0.1}, r"lora_dropout must be a number in \[0, 1\)"),
+])
+def test_replace_linear_refuses_bad_keywords_before_changing_anything(kwargs, message):
+    model = _mlp()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        lk.replace_linear(model, progress=False, **kwargs)
+    assert _unchanged(before, model)
+    if "bias" not in kwargs and "in_features" not in kwargs:
+        with pytest.raises(ValueError, match=message):
+            lk.QLoRALinear(128, 64, **kwargs)
+
+
+def test_replace_linear_error_names_the_layer_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 60))
+    with torch.no_grad():
+        model[1].weight[3, 5] = float("inf")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"^1: the linear layer's weight contains NaN or Inf"):
+        lk.replace_linear(model, progress=False)
+    assert _unchanged(before, model)
+
+
 # ---- state dicts --------------------------------------------------------------------------------
 def test_state_dict_round_trip_is_exact():
     model = _mlp()
@@ -125,6 +194,14 @@ def test_adapter_dict_round_trip_and_refusal():
     before = copy.deepcopy(lk.adapter_state_dict(other))
     with pytest.raises(ValueError, match="shape"):
         lk.load_adapter_state_dict(other, broken)
+    assert all(torch.equal(before[k], v) for k, v in lk.adapter_state_dict(other).items())
+    # a factor given twice (PEFT's in-memory name beside the file's) or as integers is refused, not guessed
+    twice = {**adapter, "base_model.model.0.lora_A.default.weight": torch.zeros(8, 128)}
+    with pytest.raises(ValueError, match="the same factor as base_model.model.0.lora_A.weight"):
+        lk.load_adapter_state_dict(other, twice)
+    integers = {**adapter, "base_model.model.2.lora_B.weight": torch.ones(64, 8, dtype=torch.int64)}
+    with pytest.raises(ValueError, match="2.lora_B.weight: dtype torch.int64"):
+        lk.load_adapter_state_dict(other, integers)
     assert all(torch.equal(before[k], v) for k, v in lk.adapter_state_dict(other).items())
 
 
