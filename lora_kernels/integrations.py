@@ -217,6 +217,10 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progres
         if match is None:
             problems.append(f"{key}: not a LoRA factor (expected {PEFT_PREFIX}<module>.lora_A.weight / lora_B.weight)")
             continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            what = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+            problems.append(f"{key}: {what}, a LoRA factor is a floating-point tensor")
+            continue
         factors.setdefault(match.group(1), {})[match.group(2)] = t
     modules = dict(model.named_modules())
     chosen = []

@@ -400,7 +400,7 @@ def _build_each(chosen: list[tuple[str, nn.Module, dict]], build, progress: bool
         try:
             built.append((name, build(module, **kwargs)))
         except (ValueError, TypeError) as exc:
-            raise type(exc)(f"{name}: {exc}") from exc
+            raise (ValueError if isinstance(exc, ValueError) else TypeError)(f"{name}: {exc}") from exc
     return built
 
 

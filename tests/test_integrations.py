@@ -249,6 +249,15 @@ def test_bad_adapter_tensors_are_refused_before_anything_changes(tmp_path):
         with pytest.raises(ValueError, match=re.escape(one_a.replace(".lora_A.weight", "")[len("base_model.model."):])):
             lk.load_peft_adapter(model, _adapter_folder(tmp_path, name, t, config))
         assert _unchanged(before, model), name
+    pickled = tmp_path / "pickled"  # adapter_model.bin (torch.load, weights_only) may hold more than tensors
+    os.makedirs(pickled)
+    torch.save({**tensors, one_a: [[0.0] * 64] * 4}, pickled / "adapter_model.bin")
+    (pickled / "adapter_config.json").write_text(json.dumps(config))
+    model = copy.deepcopy(base)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(f"{one_a}: a list, a LoRA factor is a floating-point tensor")):
+        lk.load_peft_adapter(model, pickled)
+    assert _unchanged(before, model)
     with pytest.raises(ValueError, match="load_peft_adapter takes bias from the linear layer"):
         lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "good", bias=False)
 
