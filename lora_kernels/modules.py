@@ -40,6 +40,10 @@ class _FrozenBytes(nn.Parameter):
     def requires_grad_(self, requires_grad: bool = True):
         return self
 
+    def __reduce_ex__(self, protocol):
+        # nn.Parameter pickles as a plain Parameter; a pickled model keeps its bytes frozen bytes
+        return (_FrozenBytes, (self.data,))
+
 
 # Where PEFT's saved adapter keys put a module path: base_model.model.<path>.lora_A.weight
 PEFT_PREFIX = "base_model.model."

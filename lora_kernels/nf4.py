@@ -197,7 +197,8 @@ class NF4Weight:
             for key in (f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map"):
                 if key not in state_dict:
                     raise ValueError(f"state dict has no key {key!r}")
-            if meta.get("nested_blocksize") != reference.NESTED_BLOCKSIZE or isinstance(meta.get("nested_blocksize"), bool):
+            nested_blocksize = meta.get("nested_blocksize")
+            if type(nested_blocksize) is not int or nested_blocksize != reference.NESTED_BLOCKSIZE:  # 256.0 too
                 raise ValueError(f"{meta_key}: nested_blocksize must be {reference.NESTED_BLOCKSIZE}, "
                                  f"got {meta.get('nested_blocksize')!r}")
             if meta.get("nested_dtype", "float32") != "float32":

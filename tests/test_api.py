@@ -309,6 +309,7 @@ def test_non_finite_fp32_absmax_is_refused(bad):
         (dict(dtype="float64"), "dtype must be one of"),
         (dict(dtype=7), "dtype must be one of"),
         (dict(nested_offset="0.1"), "nested_offset must be a finite number"),
+        (dict(nested_blocksize=256.0), "nested_blocksize must be 256, got 256.0"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else None,
 )

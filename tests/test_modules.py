@@ -448,3 +448,41 @@ def test_float64_layer_says_what_is_supported():
     layer = lk.QLoRALinear(128, 64, r=4).double()
     with pytest.raises(ValueError, match="lora_A is torch.float64.*float64 is not supported"):
         layer(torch.randn(2, 128, dtype=torch.float64))
+
+
+def test_load_model_refuses_a_file_with_a_non_finite_offset(tmp_path):
+    from safetensors.torch import load_file, save_file
+    import json
+
+    source = _mlp()
+    lk.replace_linear(source, r=4, progress=False)
+    path = tmp_path / "model.safetensors"
+    lk.save_model(source, path)
+    tensors = load_file(str(path))
+    key = "2.weight.quant_state.bitsandbytes__nf4"
+    meta = json.loads(bytes(tensors[key].tolist()).decode())
+    meta["nested_offset"] = float("nan")
+    tensors[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    save_file(tensors, str(path))
+    model = _mlp(seed=3)
+    lk.replace_linear(model, r=4, progress=False)
+    before = _full_state(model)
+    with pytest.raises(ValueError, match="2.weight.*nested_offset must be a finite number, got nan"):
+        lk.load_model(model, path)
+    _assert_same_state(before, _full_state(model))
+
+
+def test_swapped_model_deepcopies_and_pickles_with_frozen_bytes(tmp_path):
+    model = _mlp()
+    lk.replace_linear(model, r=4, progress=False)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    for other in (copy.deepcopy(model), torch.load(_saved(model, tmp_path), weights_only=False)):
+        assert torch.equal(other(x), model(x))
+        other.requires_grad_(True)
+        assert not other[0].nf4_packed.requires_grad
+
+
+def _saved(model, tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    return path
