@@ -368,8 +368,11 @@ class QLoRALinear(nn.Module):
 # have its own forward (lost in the swap) or be read by its owner (MultiheadAttention's out_proj is a
 # NonDynamicallyQuantizableLinear whose .weight the owner passes to F.multi_head_attention_forward).
 _SAFE_LINEAR_TYPES = (nn.Linear,)
-# Modules that read a child linear's .weight (or bias) directly instead of calling it.
-_READS_CHILD_WEIGHT = (nn.MultiheadAttention,)
+# Modules that read a child linear's .weight directly instead of (or besides) calling it: torch 2.14's
+# MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward, and
+# TransformerEncoderLayer's inference fast path passes linear1.weight and linear2.weight to
+# torch._transformer_encoder_layer_fwd (in eval mode only: a swap would fail only at inference).
+_READS_CHILD_WEIGHT = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 
 def _swappable(name: str, module: nn.Module, model: nn.Module, targets: str | Iterable[str]) -> bool:

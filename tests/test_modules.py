@@ -351,27 +351,46 @@ class _HalvingLinear(nn.Linear):
         return super().forward(x) / 2
 
 
+class _EncoderDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.dec = nn.TransformerDecoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.head = _HalvingLinear(64, 64)
+
+    def forward(self, x):
+        h = self.enc(x)
+        return self.head(self.dec(h, h))
+
+
 def test_all_linear_swaps_only_what_it_can_stand_in_for():
     torch.manual_seed(0)
-    enc = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
-    model = nn.Sequential(enc, _HalvingLinear(64, 64))
+    model = _EncoderDecoder()
     with pytest.warns(UserWarning) as record:
         swapped = lk.replace_linear(model, progress=False)
     messages = " | ".join(str(w.message) for w in record)
-    assert sorted(swapped) == ["0.linear1", "0.linear2"]
-    assert "0.self_attn.out_proj" in messages and "reads its .weight directly" in messages
-    assert "not swapping 1:" in messages and "_HalvingLinear" in messages
-    assert type(model[1]) is _HalvingLinear
-    assert model(torch.randn(2, 5, 64)).shape == (2, 5, 64)  # MultiheadAttention still finds out_proj.weight
+    assert sorted(swapped) == ["dec.linear1", "dec.linear2"]
+    for name in ("enc.self_attn.out_proj", "dec.self_attn.out_proj", "dec.multihead_attn.out_proj"):
+        assert f"not swapping {name}: its owner, a MultiheadAttention, reads its .weight directly" in messages
+    for name in ("enc.linear1", "enc.linear2"):  # read by the encoder layer's inference fast path
+        assert f"not swapping {name}: its owner, a TransformerEncoderLayer" in messages
+    assert "not swapping head: it is a _HalvingLinear" in messages
+    assert type(model.head) is _HalvingLinear
+    x = torch.randn(2, 5, 64)
+    assert model(x).shape == (2, 5, 64)  # training: MultiheadAttention still finds out_proj.weight
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 5, 64)  # inference: the encoder's fast path finds linear1.weight
 
 
-@pytest.mark.parametrize("target", ["out_proj", "1"])
+@pytest.mark.parametrize("target", ["out_proj", "enc.linear1", "head"])
 def test_naming_a_layer_that_cannot_be_swapped_is_an_error(target):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), _HalvingLinear(64, 64))
+    model = _EncoderDecoder()
     before = _full_state(model)
-    with pytest.raises(ValueError, match="cannot swap (0.self_attn.out_proj: its owner|1: it is a _HalvingLinear)"):
-        lk.replace_linear(model, ["linear1", target], progress=False)
+    with pytest.raises(ValueError, match="cannot swap (enc.self_attn.out_proj: its owner, a MultiheadAttention|"
+                                         "enc.linear1: its owner, a TransformerEncoderLayer|head: it is a _HalvingLinear)"):
+        lk.replace_linear(model, ["dec.linear1", target], progress=False)
     _assert_same_state(before, _full_state(model))
 
 
