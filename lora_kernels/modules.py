@@ -330,7 +330,11 @@ class QLoRALinear(nn.Module):
         else:
             try:
                 sub = {k: state_dict[k] for k in weight_keys}
-                q = NF4Weight.from_state_dict(sub, prefix=f"{prefix}weight", device=self.nf4_packed.device)
+                # load_state_dict(assign=True) takes the state dict's device (a meta model loaded
+                # without to_empty); otherwise the tensors come to the layer's device, as torch's copy_
+                assign = local_metadata.get("assign_to_params_buffers", False)
+                q = NF4Weight.from_state_dict(sub, prefix=f"{prefix}weight",
+                                              device=None if assign else self.nf4_packed.device)
                 if tuple(q.shape) != (self.out_features, self.in_features):
                     raise ValueError(f"{prefix}weight: shape {tuple(q.shape)}, the layer is "
                                      f"[{self.out_features}, {self.in_features}]")

@@ -461,6 +461,12 @@ def test_meta_device_construction_swap_materialize_and_load(tmp_path):
     other.load_state_dict(source.state_dict())
     assert torch.equal(other(x), source(x))
     other.requires_grad_(True)  # the bytes are still frozen bytes after to_empty
+    with torch.device("meta"):
+        assigned = _mlp()
+    lk.replace_linear(assigned, r=4, progress=False)
+    assigned.load_state_dict(source.state_dict(), assign=True)  # no to_empty: the loaded tensors are taken
+    assert not any(t.is_meta for t in [*assigned.parameters(), *assigned.buffers()])
+    assert torch.equal(assigned(x), source(x))
 
 
 def test_float64_layer_says_what_is_supported():
