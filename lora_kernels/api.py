@@ -26,7 +26,7 @@ def quantize_nf4(w: torch.Tensor, *, blocksize: int = 64, double_quant: bool = T
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
     flat = w.contiguous().reshape(-1)
     packed, absmax = _ops.quantize_nf4(flat, blocksize)
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not w.is_meta:  # a meta tensor has no values to check
         _check_finite(absmax, blocksize)
     if not double_quant:
         return NF4Weight(packed=packed, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
@@ -100,8 +100,11 @@ def qlora_linear(
         lora_input = torch.nn.functional.dropout(x2, dropout_p, True)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if not lora_B.is_contiguous():  # the kernels' epilogues read it row by row (e.g. a transposed view)
-        lora_B = lora_B.contiguous()
+    # The kernels read the factors and the bias densely (the epilogues row by row): a view (transposed,
+    # strided) is copied here rather than refused further down with the kernels' names for it.
+    lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
     wants_grad = torch.is_grad_enabled() and (
         x.requires_grad
         or lora_A.requires_grad
@@ -114,6 +117,10 @@ def qlora_linear(
     y, _ = forward(x2, lora_input, qweight.tensors, qweight.blocksize, out_features, lora_A, lora_B,
                    float(scaling), bias)
     return y.view(*lead, out_features)
+
+
+_FP64_HINT = (" (float64 is not supported: the kernels compute in bf16, fp16 or fp32; a layer moved with "
+              ".double() or .to(torch.float64) goes back with .float())")
 
 
 def _check_qlora_args(x, qweight, lora_A, lora_B, bias) -> tuple[int, int]:
@@ -129,7 +136,7 @@ def _check_qlora_args(x, qweight, lora_A, lora_B, bias) -> tuple[int, int]:
         raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features (shape {tuple(x.shape)}), "
                          f"the layer expects {in_features}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}{_FP64_HINT if x.dtype == torch.float64 else ''}")
     if x.device != qweight.device:
         raise ValueError(f"x is on {x.device} but the layer's weight is on {qweight.device}; move one with .to()")
     if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] < 1:
@@ -139,8 +146,12 @@ def _check_qlora_args(x, qweight, lora_A, lora_B, bias) -> tuple[int, int]:
     if tuple(lora_A.shape) != (rank, in_features) or tuple(lora_B.shape) != (out_features, rank):
         raise ValueError(f"lora_A must be [{rank}, {in_features}] and lora_B [{out_features}, {rank}], got "
                          f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"lora_A and lora_B must share a float dtype, got {lora_A.dtype} and {lora_B.dtype}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} is {t.dtype}; the LoRA factors must be bfloat16, float16 or float32"
+                             f"{_FP64_HINT if t.dtype == torch.float64 else ''}")
+    if lora_A.dtype != lora_B.dtype:
+        raise ValueError(f"lora_A and lora_B must share one dtype, got {lora_A.dtype} and {lora_B.dtype}")
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")

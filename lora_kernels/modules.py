@@ -26,6 +26,26 @@ from .nf4 import NF4Weight
 # the weight.
 _NF4_PARAM = "nf4_packed"
 _NF4_BUFFERS = ("nf4_absmax", "nf4_nested_absmax", "nf4_nested_code", "nf4_offset")
+
+
+class _FrozenBytes(nn.Parameter):
+    """The packed NF4 bytes: a parameter, so that FSDP2's fully_shard shards them, that never requires
+    grad. An integer tensor cannot require grad, so `model.requires_grad_(True)` (which calls
+    `requires_grad_` on every parameter) would raise on it; this one ignores a request for True and
+    stays frozen. FSDP2 replaces the parameters it shards with its own (plain DTensor parameters):
+    call `model.requires_grad_(True)` before fully_shard, or set it on the floating-point ones."""
+
+    def __new__(cls, data=None, requires_grad=False):
+        return super().__new__(cls, data, requires_grad=False)
+
+    def requires_grad_(self, requires_grad: bool = True):
+        return self
+
+    def __reduce_ex__(self, protocol):
+        # nn.Parameter pickles as a plain Parameter; a pickled model keeps its bytes frozen bytes
+        return (_FrozenBytes, (self.data,))
+
+
 # Where PEFT's saved adapter keys put a module path: base_model.model.<path>.lora_A.weight
 PEFT_PREFIX = "base_model.model."
 
@@ -99,7 +119,7 @@ class QLoRALinear(nn.Module):
         self.blocksize = q.blocksize
         self.double_quant = q.double_quant
         _compat.allow_frozen_integer_parameters_in_fsdp2()
-        packed = nn.Parameter(q.packed, requires_grad=False)
+        packed = _FrozenBytes(q.packed)
         if _NF4_PARAM in self._parameters:
             self._parameters[_NF4_PARAM] = packed
         else:
@@ -144,6 +164,12 @@ class QLoRALinear(nn.Module):
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        # A move between devices that cannot share storage (meta -> cpu in to_empty, e.g.) makes a
+        # plain nn.Parameter of the bytes; keep them frozen bytes. FSDP2's own (DTensor) parameters
+        # are left as they are.
+        packed = self._parameters.get(_NF4_PARAM)
+        if type(packed) is nn.Parameter and type(packed.data) is torch.Tensor:
+            self._parameters[_NF4_PARAM] = _FrozenBytes(packed.data)
         return self
 
     # ---- forward -------------------------------------------------------------------------------
@@ -180,7 +206,7 @@ class QLoRALinear(nn.Module):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         compute_dtype = lora_kwargs.get("compute_dtype", torch.bfloat16)
         weight = linear.weight.detach()
-        if not torch.isfinite(weight).all():
+        if not weight.is_meta and not torch.isfinite(weight).all():  # a meta weight has no values to check
             raise ValueError("the linear layer's weight contains NaN or Inf; NF4 cannot represent them")
         q = quantize_nf4(
             weight.to(compute_dtype),
@@ -303,12 +329,17 @@ class QLoRALinear(nn.Module):
             missing_keys.append(f"{prefix}weight")
         else:
             try:
-                sub = {k[len(prefix):]: state_dict[k] for k in weight_keys}
-                q = NF4Weight.from_state_dict(sub, prefix="weight", device=self.nf4_packed.device)
+                sub = {k: state_dict[k] for k in weight_keys}
+                # load_state_dict(assign=True) takes the state dict's device (a meta model loaded
+                # without to_empty); otherwise the tensors come to the layer's device, as torch's copy_
+                assign = local_metadata.get("assign_to_params_buffers", False)
+                q = NF4Weight.from_state_dict(sub, prefix=f"{prefix}weight",
+                                              device=None if assign else self.nf4_packed.device)
                 if tuple(q.shape) != (self.out_features, self.in_features):
-                    raise ValueError(f"shape {tuple(q.shape)}, the layer is [{self.out_features}, {self.in_features}]")
-            except ValueError as exc:
-                problems.append(f"{prefix}weight: {exc}")
+                    raise ValueError(f"{prefix}weight: shape {tuple(q.shape)}, the layer is "
+                                     f"[{self.out_features}, {self.in_features}]")
+            except ValueError as exc:  # from_state_dict names the key; torch reports it with the others
+                problems.append(str(exc))
         for name, param in self._parameters.items():
             key = prefix + name
             if name == _NF4_PARAM:
@@ -320,7 +351,10 @@ class QLoRALinear(nn.Module):
             return
         rest = {k: v for k, v in state_dict.items() if k not in weight_keys}
         if q is not None:
-            rest[prefix + _NF4_PARAM] = q.packed  # the parameter's own key, so torch sees it loaded
+            # from_state_dict copied every NF4 tensor, contiguous, onto the layer's device: the layer
+            # keeps none of the caller's tensors (nn.Linear copies too). The parameter's own key is
+            # given so torch sees it loaded.
+            rest[prefix + _NF4_PARAM] = q.packed
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if prefix + _NF4_PARAM in missing_keys:  # reported as `weight` above, the name users know
@@ -414,6 +448,38 @@ def freeze_all_but_lora(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
+# nn.Linear subclasses a QLoRALinear can stand in for. None but nn.Linear itself so far: a subclass may
+# have its own forward (lost in the swap) or be read by its owner (MultiheadAttention's out_proj is a
+# NonDynamicallyQuantizableLinear whose .weight the owner passes to F.multi_head_attention_forward).
+_SAFE_LINEAR_TYPES = (nn.Linear,)
+# Modules that read a child linear's .weight directly instead of (or besides) calling it: torch 2.14's
+# MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward, and
+# TransformerEncoderLayer's inference fast path passes linear1.weight and linear2.weight to
+# torch._transformer_encoder_layer_fwd (in eval mode only: a swap would fail only at inference).
+_READS_CHILD_WEIGHT = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def _swappable(name: str, module: nn.Module, model: nn.Module, targets: str | Iterable[str]) -> bool:
+    """Whether replace_linear may swap the matched linear layer `name`. Under "all-linear" a layer it
+    cannot stand in for is skipped with a warning naming it; named in an explicit target list, it is
+    a ValueError (raised before anything changes)."""
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    reason = None
+    if isinstance(parent, _READS_CHILD_WEIGHT):
+        reason = (f"its owner, a {type(parent).__name__}, reads its .weight directly, which a QLoRALinear "
+                  "does not have")
+    elif type(module) not in _SAFE_LINEAR_TYPES:
+        reason = (f"it is a {type(module).__qualname__}, a subclass of nn.Linear a QLoRALinear cannot stand in "
+                  "for (its own forward or attributes would be lost)")
+    if reason is None:
+        return True
+    if targets == "all-linear":
+        warnings.warn(f"not swapping {name}: {reason}")
+        return False
+    raise ValueError(f"cannot swap {name}: {reason}; leave it out of target_modules")
+
+
 def _matches(name: str, targets: str | Iterable[str]) -> bool:
     if targets == "all-linear":
         return True
@@ -461,6 +527,8 @@ def replace_linear(
         if not isinstance(mod, nn.Linear) or isinstance(mod, QLoRALinear) or not name:
             continue
         if not _matches(name, target_modules) or (exclude and _matches(name, exclude)):
+            continue
+        if not _swappable(name, mod, model, target_modules):
             continue
         if not include_tied and _tied_to_input_embeddings(model, mod):
             warnings.warn(f"not swapping {name}: its weight is tied to the input embeddings (include_tied=True swaps it)")

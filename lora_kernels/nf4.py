@@ -150,16 +150,19 @@ class NF4Weight:
         out = {
             prefix: self.packed.reshape(-1, 1),
             f"{prefix}.absmax": self.absmax,
-            f"{prefix}.quant_map": reference.nf4_code(self.device),
+            # copies: the code books are shared constants (reference.py), which a caller's in-place
+            # change to its state dict must not reach
+            f"{prefix}.quant_map": reference.nf4_code(self.device).clone(),
         }
         if self.double_quant:
             meta.update(
                 nested_blocksize=reference.NESTED_BLOCKSIZE,
                 nested_dtype="float32",
-                nested_offset=float(self.offset.item()),
+                # a meta tensor holds no value: 0.0 stands in, as meta parameters stand in for theirs
+                nested_offset=0.0 if self.offset.is_meta else float(self.offset.item()),
             )
             out[f"{prefix}.nested_absmax"] = self.nested_absmax
-            out[f"{prefix}.nested_quant_map"] = self.nested_code
+            out[f"{prefix}.nested_quant_map"] = self.nested_code.clone()
         meta_bytes = json.dumps(meta).encode("utf-8")
         out[f"{prefix}.{_QUANT_STATE_KEY}"] = torch.tensor(list(meta_bytes), dtype=torch.uint8)
         return out
@@ -168,43 +171,67 @@ class NF4Weight:
     def from_state_dict(
         cls, state_dict: dict[str, torch.Tensor], prefix: str = "weight", device: torch.device | str | None = None
     ) -> NF4Weight:
-        """Load the bitsandbytes `Linear4bit` layout (ours or theirs). Raises ValueError on a
-        missing key, a mismatched length or dtype, or a format we do not read (fp4, other nested
-        block sizes); nothing is half-built."""
+        """Load the bitsandbytes `Linear4bit` layout (ours or theirs). Every field is checked first:
+        the keys, the quant_state JSON (each key present with its type: shape a list of positive ints,
+        blocksize an int, a dtype we know, a finite nested_offset), the code books (`quant_map` the NF4
+        code book, `nested_quant_map` bitsandbytes' 8-bit dynamic map), finite non-negative scales, and
+        every tensor's length and dtype. Raises ValueError naming `prefix` and the key; nothing is
+        half-built. The tensors are copied, contiguous, onto `device`: the result never shares storage
+        with the state dict (as nn.Linear's load copies), so a strided tensor loads as well as a dense one."""
         meta_key = f"{prefix}.{_QUANT_STATE_KEY}"
         for key in (prefix, f"{prefix}.absmax", meta_key):
             if key not in state_dict:
                 if key == meta_key and f"{prefix}.quant_state.bitsandbytes__fp4" in state_dict:
                     raise ValueError(f"{prefix} is quantized as fp4; lora-kernels reads nf4 only")
                 raise ValueError(f"state dict has no key {key!r}")
-        meta = json.loads(bytes(state_dict[meta_key].cpu().tolist()).decode("utf-8"))
-        if meta.get("quant_type") != "nf4":
-            raise ValueError(f"{prefix} quant_type is {meta.get('quant_type')!r}; lora-kernels reads nf4 only")
+        for key in (prefix, f"{prefix}.absmax", f"{prefix}.quant_map", f"{prefix}.nested_absmax",
+                    f"{prefix}.nested_quant_map"):
+            if key in state_dict and not isinstance(state_dict[key], torch.Tensor):
+                raise ValueError(f"{key} must be a tensor, got {type(state_dict[key]).__name__}")
+        meta = _read_quant_state(state_dict[meta_key], meta_key)
         quant_map = state_dict.get(f"{prefix}.quant_map")
-        if quant_map is not None and not torch.equal(quant_map.float().cpu(), reference.nf4_code()):
+        if quant_map is not None and not _equal(quant_map, reference.nf4_code()):
             raise ValueError(f"{prefix}.quant_map is not the NF4 code book")
-        dtype = getattr(torch, meta["dtype"], None)
         nested = None
-        if "nested_absmax" in meta or f"{prefix}.nested_absmax" in state_dict:
+        if "nested_absmax" in meta or "nested_offset" in meta or f"{prefix}.nested_absmax" in state_dict:
             for key in (f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map"):
                 if key not in state_dict:
                     raise ValueError(f"state dict has no key {key!r}")
-            if meta.get("nested_blocksize") != reference.NESTED_BLOCKSIZE:
-                raise ValueError(
-                    f"nested_blocksize must be {reference.NESTED_BLOCKSIZE}, got {meta.get('nested_blocksize')}"
-                )
+            nested_blocksize = meta.get("nested_blocksize")
+            if type(nested_blocksize) is not int or nested_blocksize != reference.NESTED_BLOCKSIZE:  # 256.0 too
+                raise ValueError(f"{meta_key}: nested_blocksize must be {reference.NESTED_BLOCKSIZE}, "
+                                 f"got {meta.get('nested_blocksize')!r}")
             if meta.get("nested_dtype", "float32") != "float32":
-                raise ValueError(f"nested_dtype must be float32, got {meta.get('nested_dtype')}")
+                raise ValueError(f"{meta_key}: nested_dtype must be float32, got {meta.get('nested_dtype')!r}")
+            offset = meta.get("nested_offset")
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+                raise ValueError(f"{meta_key}: nested_offset must be a finite number, got {offset!r}")
+            # bitsandbytes 0.50 double-quantizes the scales with create_dynamic_map(signed=True); a file
+            # with another map would decode to other scales than the ones it was written with.
+            if not _equal(state_dict[f"{prefix}.nested_quant_map"], reference.dynamic_map()):
+                raise ValueError(f"{prefix}.nested_quant_map is not bitsandbytes' 8-bit dynamic map "
+                                 "(create_dynamic_map(signed=True)), the only nested code map lora-kernels reads")
             nested = dict(
                 nested_absmax=state_dict[f"{prefix}.nested_absmax"],
                 nested_code=state_dict[f"{prefix}.nested_quant_map"],
-                offset=torch.tensor(meta["nested_offset"], dtype=torch.float32),
+                offset=torch.tensor(offset, dtype=torch.float32),
             )
         packed = _as_bytes(state_dict[prefix])
         device = torch.device(device) if device is not None else packed.device
         tensors = dict(packed=packed.reshape(-1), absmax=state_dict[f"{prefix}.absmax"], **(nested or {}))
-        tensors = {k: v.to(device) for k, v in tensors.items()}
-        return cls(shape=torch.Size(meta["shape"]), dtype=dtype, blocksize=int(meta["blocksize"]), **tensors)
+        for name, key in (("absmax", "absmax"), ("nested_absmax", "nested_absmax")):
+            t = tensors.get(name)
+            if t is None or not t.is_floating_point() or t.is_meta:
+                continue  # double-quantized absmax is uint8 codes; a wrong dtype is named by validate()
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise ValueError(f"{prefix}.{key} must hold finite, non-negative block scales "
+                                 "(a NaN, Inf or negative scale corrupts every output of its block)")
+        tensors = {k: v.to(device=device, copy=True, memory_format=torch.contiguous_format) for k, v in tensors.items()}
+        try:
+            return cls(shape=torch.Size(meta["shape"]), dtype=getattr(torch, meta["dtype"]),
+                       blocksize=meta["blocksize"], **tensors)
+        except ValueError as exc:
+            raise ValueError(f"{prefix}: {exc}") from None
 
     @classmethod
     def from_bnb(cls, packed: torch.Tensor, quant_state) -> NF4Weight:
@@ -260,6 +287,38 @@ def _expect(t: torch.Tensor, name: str, dtype: torch.dtype, numel: int) -> None:
         raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
     if t.numel() != numel:
         raise ValueError(f"{name} must have {numel} elements for this shape and blocksize, got {t.numel()}")
+
+
+def _read_quant_state(t: torch.Tensor, key: str) -> dict:
+    """The quant_state JSON (a uint8 tensor of UTF-8 bytes), every field we use checked for presence
+    and type: a hostile or damaged file gets a ValueError naming `key` and the field."""
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise ValueError(f"{key} must be a 1-D uint8 tensor of JSON bytes, got {t.dtype} of shape {tuple(t.shape)}")
+    try:
+        meta = json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{key} is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{key} must be a JSON object, got {type(meta).__name__}")
+    for field in ("quant_type", "shape", "blocksize", "dtype"):
+        if field not in meta:
+            raise ValueError(f"{key} has no field {field!r}")
+    if meta["quant_type"] != "nf4":
+        raise ValueError(f"{key}: quant_type is {meta['quant_type']!r}; lora-kernels reads nf4 only")
+    shape = meta["shape"]
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise ValueError(f"{key}: shape must be a list of positive integers, got {shape!r}")
+    blocksize = meta["blocksize"]
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):  # 64.9 is refused, never truncated
+        raise ValueError(f"{key}: blocksize must be an integer, got {blocksize!r}")
+    if meta["dtype"] not in _DTYPE_NAMES.values():
+        raise ValueError(f"{key}: dtype must be one of {sorted(_DTYPE_NAMES.values())}, got {meta['dtype']!r}")
+    return meta
+
+
+def _equal(t: torch.Tensor, expected: torch.Tensor) -> bool:
+    return tuple(t.shape) == tuple(expected.shape) and torch.equal(t.float().cpu(), expected)
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -247,3 +247,124 @@ def test_reference_dynamic_map_is_bitsandbytes():
     F = pytest.importorskip("bitsandbytes.functional")
     assert torch.equal(reference.dynamic_map(), F.create_dynamic_map())
     assert torch.equal(reference.nf4_code(), F.get_4bit_type("nf4", device="cpu"))
+
+
+# ---- hostile files: every field of the bitsandbytes layout is checked before anything is built ------
+_META = "weight.quant_state.bitsandbytes__nf4"
+
+
+def _with_meta(sd, **fields):
+    """sd with its quant_state JSON changed: a field set to a value, or dropped when the value is ...; the
+    JSON is written with allow_nan so a NaN or Inf offset reaches the reader as a file would carry it."""
+    import json
+
+    meta = json.loads(bytes(sd[_META].tolist()).decode())
+    for key, value in fields.items():
+        if value is ...:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    sd[_META] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    return sd
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda sd: _with_meta(sd, nested_offset=float("nan")), "nested_offset must be a finite number"),
+        (lambda sd: _with_meta(sd, nested_offset=float("inf")), "nested_offset must be a finite number"),
+        (lambda sd: sd["weight.nested_absmax"].fill_(float("inf")), "weight.nested_absmax must hold finite"),
+        (lambda sd: sd["weight.nested_absmax"].neg_(), "weight.nested_absmax must hold finite, non-negative"),
+        (lambda sd: sd.update({"weight.nested_quant_map": torch.rand(256)}), "not bitsandbytes' 8-bit dynamic map"),
+    ],
+    ids=["offset-nan", "offset-inf", "nested-absmax-inf", "nested-absmax-negative", "random-nested-map"],
+)
+def test_non_finite_or_garbage_scales_are_refused(change, message):
+    sd = {k: v.clone() for k, v in lora_kernels.quantize_nf4(torch.randn(64, 64)).state_dict().items()}
+    change(sd)
+    with pytest.raises(ValueError, match=message):
+        NF4Weight.from_state_dict(sd)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0], ids=["nan", "inf", "negative"])
+def test_non_finite_fp32_absmax_is_refused(bad):
+    sd = lora_kernels.quantize_nf4(torch.randn(64, 64), double_quant=False).state_dict()
+    sd["weight.absmax"] = sd["weight.absmax"].clone()
+    sd["weight.absmax"][3] = bad
+    with pytest.raises(ValueError, match="weight.absmax must hold finite, non-negative"):
+        NF4Weight.from_state_dict(sd)
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(shape=...), "has no field 'shape'"),
+        (dict(blocksize=...), "has no field 'blocksize'"),
+        (dict(dtype=...), "has no field 'dtype'"),
+        (dict(shape="64x64"), "shape must be a list of positive integers"),
+        (dict(shape=[64, 0]), "shape must be a list of positive integers"),
+        (dict(shape=[64.0, 64]), "shape must be a list of positive integers"),
+        (dict(blocksize=64.9), "blocksize must be an integer, got 64.9"),
+        (dict(blocksize="64"), "blocksize must be an integer"),
+        (dict(dtype="float64"), "dtype must be one of"),
+        (dict(dtype=7), "dtype must be one of"),
+        (dict(nested_offset="0.1"), "nested_offset must be a finite number"),
+        (dict(nested_blocksize=256.0), "nested_blocksize must be 256, got 256.0"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, dict) else None,
+)
+def test_quant_state_json_field_missing_or_of_wrong_type(fields, message):
+    sd = lora_kernels.quantize_nf4(torch.randn(64, 64)).state_dict(prefix="layers.0.q.weight")
+    sd = {k.replace("layers.0.q.", ""): v for k, v in sd.items()}
+    _with_meta(sd, **fields)
+    sd = {f"layers.0.q.{k}": v for k, v in sd.items()}
+    with pytest.raises(ValueError, match=f"layers.0.q.weight.quant_state.bitsandbytes__nf4.*{message}"):
+        NF4Weight.from_state_dict(sd, prefix="layers.0.q.weight")
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xfe", b"[1, 2]", b"{nope"], ids=["not-utf8", "not-object", "not-json"])
+def test_quant_state_not_json_is_a_value_error(payload):
+    sd = lora_kernels.quantize_nf4(torch.randn(64, 64)).state_dict()
+    sd[_META] = torch.tensor(list(payload), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=_META):
+        NF4Weight.from_state_dict(sd)
+    sd[_META] = sd[_META].float()
+    with pytest.raises(ValueError, match="uint8 tensor of JSON bytes"):
+        NF4Weight.from_state_dict(sd)
+
+
+def test_strided_state_dict_tensors_load_as_copies():
+    q = lora_kernels.quantize_nf4(torch.randn(256, 256))  # 1024 blocks, 4 nested scales
+    sd = q.state_dict()
+    for key in ("weight", "weight.absmax", "weight.nested_absmax"):
+        wide = torch.stack([sd[key], torch.zeros_like(sd[key])], dim=-1)  # every other element: a strided view
+        sd[key] = wide[..., 0]
+        assert not sd[key].is_contiguous()
+    q2 = NF4Weight.from_state_dict(sd)
+    assert all(t.is_contiguous() for t in q2.tensors)
+    assert torch.equal(lora_kernels.dequantize_nf4(q2), lora_kernels.dequantize_nf4(q))
+    for t in sd.values():  # nothing shared with the state dict
+        t.zero_()
+    assert torch.equal(lora_kernels.dequantize_nf4(q2), lora_kernels.dequantize_nf4(q))
+
+
+def test_strided_lora_factors_and_bias_are_copied_at_the_boundary():
+    torch.manual_seed(0)
+    q = lora_kernels.quantize_nf4(torch.randn(64, 128))
+    x = torch.randn(3, 128)
+    a, b = torch.randn(4, 128), torch.randn(64, 4)
+    bias = torch.randn(64, 2)[:, 0]  # strided
+    a_t, b_t = a.t().contiguous().t(), b.t().contiguous().t()  # transposed views holding the same values
+    assert not (bias.is_contiguous() or a_t.is_contiguous() or b_t.is_contiguous())
+    want = reference.qlora_linear(x, q.dequantize(torch.float32), a, b, 2.0, bias.contiguous())
+    got = lora_kernels.qlora_linear(x, q, a_t, b_t, 2.0, bias)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_float64_is_refused_saying_what_is_supported():
+    q = lora_kernels.quantize_nf4(torch.randn(64, 128))
+    a, b = torch.randn(4, 128, dtype=torch.float64), torch.randn(64, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"lora_A is torch.float64; .*bfloat16, float16 or float32.*float64 is not supported"):
+        lora_kernels.qlora_linear(torch.randn(2, 128), q, a, b, 1.0)
+    with pytest.raises(ValueError, match="x must be bfloat16, float16 or float32, got torch.float64.*float64 is not"):
+        lora_kernels.qlora_linear(torch.randn(2, 128, dtype=torch.float64), q, a.float(), b.float(), 1.0)

@@ -401,3 +401,190 @@ def test_x_on_another_device_meta():
     layer = lk.QLoRALinear(128, 64, r=8)
     with pytest.raises(ValueError, match="is on meta"):
         layer(torch.randn(2, 128, device="meta", dtype=torch.bfloat16))
+
+
+# ---- swapping only what a QLoRALinear can stand in for, loading, and odd models (issue 16) ---------
+def _full_state(model: nn.Module) -> dict[str, object]:
+    """Everything a refused call must leave as it was: module types, every parameter and buffer
+    (the NF4 ones too, persistent or not) with its value and requires_grad."""
+    state = {f"type:{name}": type(m) for name, m in model.named_modules()}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        state[name] = (t.detach().clone(), t.requires_grad, t.dtype, t.device)
+    return state
+
+
+def _assert_same_state(before, after):
+    assert before.keys() == after.keys()
+    for key, old in before.items():
+        new = after[key]
+        if isinstance(old, tuple):
+            assert torch.equal(old[0], new[0]) and old[1:] == new[1:], key
+        else:
+            assert old is new, key
+
+
+class _HalvingLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) / 2
+
+
+class _EncoderDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.dec = nn.TransformerDecoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.head = _HalvingLinear(64, 64)
+
+    def forward(self, x):
+        h = self.enc(x)
+        return self.head(self.dec(h, h))
+
+
+def test_all_linear_swaps_only_what_it_can_stand_in_for():
+    torch.manual_seed(0)
+    model = _EncoderDecoder()
+    with pytest.warns(UserWarning) as record:
+        swapped = lk.replace_linear(model, progress=False)
+    messages = " | ".join(str(w.message) for w in record)
+    assert sorted(swapped) == ["dec.linear1", "dec.linear2"]
+    for name in ("enc.self_attn.out_proj", "dec.self_attn.out_proj", "dec.multihead_attn.out_proj"):
+        assert f"not swapping {name}: its owner, a MultiheadAttention, reads its .weight directly" in messages
+    for name in ("enc.linear1", "enc.linear2"):  # read by the encoder layer's inference fast path
+        assert f"not swapping {name}: its owner, a TransformerEncoderLayer" in messages
+    assert "not swapping head: it is a _HalvingLinear" in messages
+    assert type(model.head) is _HalvingLinear
+    x = torch.randn(2, 5, 64)
+    assert model(x).shape == (2, 5, 64)  # training: MultiheadAttention still finds out_proj.weight
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 5, 64)  # inference: the encoder's fast path finds linear1.weight
+
+
+@pytest.mark.parametrize("target", ["out_proj", "enc.linear1", "head"])
+def test_naming_a_layer_that_cannot_be_swapped_is_an_error(target):
+    torch.manual_seed(0)
+    model = _EncoderDecoder()
+    before = _full_state(model)
+    with pytest.raises(ValueError, match="cannot swap (enc.self_attn.out_proj: its owner, a MultiheadAttention|"
+                                         "enc.linear1: its owner, a TransformerEncoderLayer|head: it is a _HalvingLinear)"):
+        lk.replace_linear(model, ["dec.linear1", target], progress=False)
+    _assert_same_state(before, _full_state(model))
+
+
+def test_load_state_dict_copies_the_nf4_tensors_and_takes_strided_ones():
+    torch.manual_seed(0)
+    src = lk.QLoRALinear(256, 256, r=4)
+    randomize_lora(src)
+    sd = src.state_dict()
+    for key in ("weight", "weight.absmax", "weight.nested_absmax"):
+        sd[key] = torch.stack([sd[key], torch.zeros_like(sd[key])], dim=-1)[..., 0]  # strided views
+        assert not sd[key].is_contiguous()
+    layer = lk.QLoRALinear(256, 256, r=4)
+    layer.load_state_dict(sd)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    want = src(x)
+    assert torch.equal(layer(x), want)
+    for t in sd.values():  # nn.Linear copies what it loads; so does QLoRALinear
+        t.zero_()
+    assert torch.equal(layer(x), want)
+    assert all(t.is_contiguous() for t in layer.qweight.tensors)
+
+
+def test_bad_quant_state_through_model_load_state_dict_is_reported_with_its_key():
+    import json
+
+    model = _mlp()
+    lk.replace_linear(model, ["0"], r=4, progress=False)
+    sd = model.state_dict()
+    key = "0.weight.quant_state.bitsandbytes__nf4"
+    meta = json.loads(bytes(sd[key].tolist()).decode())
+    del meta["shape"]
+    sd[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    before = _full_state(model)
+    with pytest.raises(RuntimeError, match=f"{key} has no field 'shape'"):
+        model.load_state_dict(sd)
+    _assert_same_state(before, _full_state(model))
+
+
+def test_requires_grad_true_on_a_swapped_model_keeps_the_bytes_frozen():
+    model = _mlp()
+    lk.replace_linear(model, r=4, progress=False)
+    model.requires_grad_(True)
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    assert not grads["0.nf4_packed"] and not grads["2.nf4_packed"]
+    assert grads["0.lora_A"] and grads["0.bias"]
+    model.requires_grad_(False)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_meta_device_construction_swap_materialize_and_load(tmp_path):
+    layer = lk.QLoRALinear(128, 64, r=4, device="meta")
+    assert layer.nf4_packed.is_meta and layer.lora_A.is_meta
+    source = _mlp()
+    lk.replace_linear(source, r=4, progress=False)
+    randomize_lora(source)
+    lk.save_model(source, tmp_path / "model.safetensors")
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.device("meta"):
+        model = _mlp()
+    lk.replace_linear(model, r=4, progress=False)
+    model.to_empty(device="cpu")
+    lk.load_model(model, tmp_path / "model.safetensors")
+    assert torch.equal(model(x), source(x))
+    with torch.device("meta"):
+        other = _mlp()
+    lk.replace_linear(other, r=4, progress=False)
+    other.to_empty(device="cpu")
+    other.load_state_dict(source.state_dict())
+    assert torch.equal(other(x), source(x))
+    other.requires_grad_(True)  # the bytes are still frozen bytes after to_empty
+    with torch.device("meta"):
+        assigned = _mlp()
+    lk.replace_linear(assigned, r=4, progress=False)
+    assigned.load_state_dict(source.state_dict(), assign=True)  # no to_empty: the loaded tensors are taken
+    assert not any(t.is_meta for t in [*assigned.parameters(), *assigned.buffers()])
+    assert torch.equal(assigned(x), source(x))
+
+
+def test_float64_layer_says_what_is_supported():
+    layer = lk.QLoRALinear(128, 64, r=4).double()
+    with pytest.raises(ValueError, match="lora_A is torch.float64.*float64 is not supported"):
+        layer(torch.randn(2, 128, dtype=torch.float64))
+
+
+def test_load_model_refuses_a_file_with_a_non_finite_offset(tmp_path):
+    from safetensors.torch import load_file, save_file
+    import json
+
+    source = _mlp()
+    lk.replace_linear(source, r=4, progress=False)
+    path = tmp_path / "model.safetensors"
+    lk.save_model(source, path)
+    tensors = load_file(str(path))
+    key = "2.weight.quant_state.bitsandbytes__nf4"
+    meta = json.loads(bytes(tensors[key].tolist()).decode())
+    meta["nested_offset"] = float("nan")
+    tensors[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    save_file(tensors, str(path))
+    model = _mlp(seed=3)
+    lk.replace_linear(model, r=4, progress=False)
+    before = _full_state(model)
+    with pytest.raises(ValueError, match="2.weight.*nested_offset must be a finite number, got nan"):
+        lk.load_model(model, path)
+    _assert_same_state(before, _full_state(model))
+
+
+def test_swapped_model_deepcopies_and_pickles_with_frozen_bytes(tmp_path):
+    model = _mlp()
+    lk.replace_linear(model, r=4, progress=False)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    for other in (copy.deepcopy(model), torch.load(_saved(model, tmp_path), weights_only=False)):
+        assert torch.equal(other(x), model(x))
+        other.requires_grad_(True)
+        assert not other[0].nf4_packed.requires_grad
+
+
+def _saved(model, tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    return path
