@@ -518,6 +518,7 @@ def test_requires_grad_true_on_a_swapped_model_keeps_the_bytes_frozen():
 
 
 def test_meta_device_construction_swap_materialize_and_load(tmp_path):
+    pytest.importorskip("safetensors")
     layer = lk.QLoRALinear(128, 64, r=4, device="meta")
     assert layer.nf4_packed.is_meta and layer.lora_A.is_meta
     source = _mlp()
@@ -553,8 +554,10 @@ def test_float64_layer_says_what_is_supported():
 
 
 def test_load_model_refuses_a_file_with_a_non_finite_offset(tmp_path):
-    from safetensors.torch import load_file, save_file
+    pytest.importorskip("safetensors")
     import json
+
+    from safetensors.torch import load_file, save_file
 
     source = _mlp()
     lk.replace_linear(source, r=4, progress=False)
