@@ -380,7 +380,9 @@ def load_model(model: nn.Module, path: str | os.PathLike) -> None:
         if "weight" not in sub:
             continue  # reported as missing
         try:
-            q = NF4Weight.from_state_dict(sub, prefix="weight")
+            # decoded to check it only: onto "meta", so no copy of the NF4 tensors is made twice
+            # (load_state_dict below copies them into the layer)
+            q = NF4Weight.from_state_dict(sub, prefix="weight", device="meta")
             if tuple(q.shape) != (layer.out_features, layer.in_features):
                 raise ValueError(f"shape {tuple(q.shape)}, the layer is [{layer.out_features}, {layer.in_features}]")
         except ValueError as exc:

@@ -219,12 +219,12 @@ class NF4Weight:
         packed = _as_bytes(state_dict[prefix])
         device = torch.device(device) if device is not None else packed.device
         tensors = dict(packed=packed.reshape(-1), absmax=state_dict[f"{prefix}.absmax"], **(nested or {}))
-        for name, key in (("absmax", "absmax"), ("nested_absmax", "nested_absmax")):
+        for name in ("absmax", "nested_absmax"):
             t = tensors.get(name)
             if t is None or not t.is_floating_point() or t.is_meta:
                 continue  # double-quantized absmax is uint8 codes; a wrong dtype is named by validate()
             if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                raise ValueError(f"{prefix}.{key} must hold finite, non-negative block scales "
+                raise ValueError(f"{prefix}.{name} must hold finite, non-negative block scales "
                                  "(a NaN, Inf or negative scale corrupts every output of its block)")
         tensors = {k: v.to(device=device, copy=True, memory_format=torch.contiguous_format) for k, v in tensors.items()}
         try:
