@@ -28,6 +28,10 @@ install: deps
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) -m lora_kernels.info
 
+# make test also builds lora_kernels._C_emulated: the CUDA kernels on the CPU under the emulator
+# (csrc/cuda/emulate.h), which the suite runs as the `cuda_emulated` backend, and the AddressSanitizer
+# check of the same kernels (tests/test_cuda_emulated_asan.py).
+test: export LORA_KERNELS_CUDA_EMULATE = 1
 test: install
 	$(PY) -m pytest tests -q -rs
 

@@ -91,6 +91,9 @@ int dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blo
 constexpr int64_t kDecodeMaxRows = 16;
 int nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out,
                       void* stream);
+// What an error code the launchers return means (cudaGetErrorString; under the CPU emulator, also
+// what the emulator saw go wrong in the last launch).
+const char* error_string(int err);
 }  // namespace cuda
 
 }  // namespace lora_kernels

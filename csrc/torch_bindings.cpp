@@ -3,6 +3,27 @@
 // and checks at this boundary what no caller should send. The route of nf4_matmul is chosen by
 // lora_kernels/routes.py; a kernel here refuses a route that cannot take its inputs and says which
 // rule broke. Loaded as `lora_kernels._C`, a Python module with no Python functions.
+//
+// Built a second time, test-only, as `lora_kernels._C_emulated` (LK_EMULATED_EXTENSION, setup.py
+// with LORA_KERNELS_CUDA_EMULATE=1): the CUDA glue below on CPU tensors, calling the csrc/cuda/
+// kernels compiled for the CPU emulator (csrc/cuda/emulate.h), registered to the same schemas in the
+// namespace `lora_kernels_emulated::` (lora_kernels/backends/cuda_emulated.py).
+#if defined(LK_EMULATED_EXTENSION)
+#define LK_CUDA_GLUE 1
+#define LK_OPS lora_kernels_emulated
+#define LK_CUDA_KEY CPU
+#define LK_MODULE_INIT PyInit__C_emulated
+#define LK_MODULE_NAME "_C_emulated"
+#else
+#define LK_OPS lora_kernels
+#define LK_CUDA_KEY CUDA
+#define LK_MODULE_INIT PyInit__C
+#define LK_MODULE_NAME "_C"
+#if defined(LK_WITH_CUDA)
+#define LK_CUDA_GLUE 1
+#endif
+#endif
+
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -11,6 +32,12 @@
 #ifdef LK_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+// the device of the tensor current, and the stream the kernels go on
+#define LK_DEVICE_GUARD(device) c10::cuda::CUDAGuard guard(device)
+#define LK_CURRENT_STREAM() c10::cuda::getCurrentCUDAStream().stream()
+#else
+#define LK_DEVICE_GUARD(device) (void)(device)
+#define LK_CURRENT_STREAM() nullptr  // the emulator runs a launch synchronously
 #endif
 
 #include "kernels.h"
@@ -125,34 +152,6 @@ Nf4Matrix nf4_matrix(const WeightList& weight, int64_t blocksize, int64_t rows, 
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& w, int64_t blocksize) {
-  auto [packed, absmax] = quantize_outputs(w, blocksize);
-  cpu::quantize_nf4(w.data_ptr(), to_dtype(w.scalar_type()), w.numel(), blocksize, packed.data_ptr<uint8_t>(),
-                    absmax.data_ptr<float>());
-  return {packed, absmax};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cpu(const at::Tensor& absmax, const at::Tensor& code) {
-  TORCH_CHECK(absmax.dim() == 1 && absmax.numel() > 0, "lora_kernels: absmax must be a non-empty flat tensor");
-  check_tensor(absmax, "absmax", at::kFloat, absmax.numel(), absmax.device());
-  check_tensor(code, "code", at::kFloat, 256, absmax.device());
-  const int64_t n = absmax.numel();
-  // torch's own mean, so the offset is the bits bitsandbytes stores
-  const at::Tensor offset = absmax.mean();
-  auto codes = at::empty({n}, absmax.options().dtype(at::kByte));
-  auto nested = at::empty({(n + kNestedBlocksize - 1) / kNestedBlocksize}, absmax.options());
-  cpu::quantize_scales_8bit(absmax.data_ptr<float>(), n, offset.item<float>(), code.data_ptr<float>(),
-                            codes.data_ptr<uint8_t>(), nested.data_ptr<float>());
-  return {codes, nested, offset};
-}
-
-at::Tensor dequantize_nf4_cpu(const WeightList& weight, int64_t blocksize, int64_t numel, at::ScalarType dtype) {
-  const Nf4Matrix w = nf4_matrix(weight, blocksize, 1, numel);
-  auto out = empty_cpu(numel, dtype);
-  cpu::dequantize_nf4(w.packed, w.scales, blocksize, numel, out.data_ptr(), to_dtype(dtype));
-  return out;
-}
-
 // ---- nf4_matmul: out = x . deq(W)^T (or x . deq(W) when transposed) + lora_scaling * left . right^T + bias ----
 
 enum class Route { kFused, kDequantGemm };
@@ -236,6 +235,36 @@ at::Tensor dequant_gemm(const at::Tensor& x, const MatmulCall& c, const at::Tens
   return out;
 }
 
+// ---- the CPU kernels ----
+#if !defined(LK_EMULATED_EXTENSION)
+std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& w, int64_t blocksize) {
+  auto [packed, absmax] = quantize_outputs(w, blocksize);
+  cpu::quantize_nf4(w.data_ptr(), to_dtype(w.scalar_type()), w.numel(), blocksize, packed.data_ptr<uint8_t>(),
+                    absmax.data_ptr<float>());
+  return {packed, absmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cpu(const at::Tensor& absmax, const at::Tensor& code) {
+  TORCH_CHECK(absmax.dim() == 1 && absmax.numel() > 0, "lora_kernels: absmax must be a non-empty flat tensor");
+  check_tensor(absmax, "absmax", at::kFloat, absmax.numel(), absmax.device());
+  check_tensor(code, "code", at::kFloat, 256, absmax.device());
+  const int64_t n = absmax.numel();
+  // torch's own mean, so the offset is the bits bitsandbytes stores
+  const at::Tensor offset = absmax.mean();
+  auto codes = at::empty({n}, absmax.options().dtype(at::kByte));
+  auto nested = at::empty({(n + kNestedBlocksize - 1) / kNestedBlocksize}, absmax.options());
+  cpu::quantize_scales_8bit(absmax.data_ptr<float>(), n, offset.item<float>(), code.data_ptr<float>(),
+                            codes.data_ptr<uint8_t>(), nested.data_ptr<float>());
+  return {codes, nested, offset};
+}
+
+at::Tensor dequantize_nf4_cpu(const WeightList& weight, int64_t blocksize, int64_t numel, at::ScalarType dtype) {
+  const Nf4Matrix w = nf4_matrix(weight, blocksize, 1, numel);
+  auto out = empty_cpu(numel, dtype);
+  cpu::dequantize_nf4(w.packed, w.scales, blocksize, numel, out.data_ptr(), to_dtype(dtype));
+  return out;
+}
+
 // The per-thread scratch buffer of the CPU dequant + GEMM route: it grows to the largest weight
 // this thread has multiplied (one copy in the compute dtype) and is kept for the next call.
 // Reusing it matters: faulting in fresh pages cost more than the dequantization itself. Measured
@@ -277,11 +306,12 @@ std::string cpu_isa_name() {
     default: return "scalar";
   }
 }
+#endif  // !LK_EMULATED_EXTENSION
 
-#ifdef LK_WITH_CUDA
+#ifdef LK_CUDA_GLUE
 void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, "lora_kernels: CUDA ", what, " launch failed with cudaError ", err, " (",
-              cudaGetErrorString(static_cast<cudaError_t>(err)), ")");
+              cuda::error_string(err), ")");
 }
 
 // The CUDA dequantize kernel reads the packed bytes four at a time: a view at an odd offset is
@@ -292,11 +322,11 @@ at::Tensor packed_for_dequantize(const WeightList& weight) {
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& w, int64_t blocksize) {
-  c10::cuda::CUDAGuard guard(w.device());
+  LK_DEVICE_GUARD(w.device());
   auto [packed, absmax] = quantize_outputs(w, blocksize);
   check_launch(cuda::quantize_nf4(w.data_ptr(), to_dtype(w.scalar_type()), w.numel(), blocksize,
                                   packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
-                                  c10::cuda::getCurrentCUDAStream().stream()),
+                                  LK_CURRENT_STREAM()),
                "quantize_nf4");
   return {packed, absmax};
 }
@@ -304,10 +334,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& w, int64_
 at::Tensor dequantize_nf4_cuda(const WeightList& weight, int64_t blocksize, int64_t numel, at::ScalarType dtype) {
   const Nf4Matrix w = nf4_matrix(weight, blocksize, 1, numel);
   const at::Tensor bytes = packed_for_dequantize(weight);
-  c10::cuda::CUDAGuard guard(bytes.device());
+  LK_DEVICE_GUARD(bytes.device());
   auto out = at::empty({numel}, bytes.options().dtype(dtype));
   check_launch(cuda::dequantize_nf4(bytes.data_ptr<uint8_t>(), w.scales, blocksize, numel, out.data_ptr(),
-                                    to_dtype(dtype), c10::cuda::getCurrentCUDAStream().stream()),
+                                    to_dtype(dtype), LK_CURRENT_STREAM()),
                "dequantize_nf4");
   return out;
 }
@@ -316,12 +346,12 @@ at::Tensor nf4_matmul_cuda(const at::Tensor& x, const WeightList& weight, int64_
                            int64_t cols, bool transpose, const std::optional<at::Tensor>& lora_left,
                            const std::optional<at::Tensor>& lora_right, double lora_scaling,
                            const std::optional<at::Tensor>& bias, c10::string_view route) {
-  c10::cuda::CUDAGuard guard(x.device());
+  LK_DEVICE_GUARD(x.device());
   const MatmulCall c =
       check_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, route);
   if (c.M == 0) return at::empty({0, c.N}, x.options());
   const auto dtype = x.scalar_type();
-  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const auto stream = LK_CURRENT_STREAM();
   if (c.route == Route::kFused) {
     TORCH_CHECK(dtype != at::kFloat, "lora_kernels: the CUDA fused route takes bf16 or fp16 x, got float32; route ",
                 "it to dequant_gemm");
@@ -344,11 +374,12 @@ at::Tensor nf4_matmul_cuda(const at::Tensor& x, const WeightList& weight, int64_
   return dequant_gemm(x, c, at::empty({rows, cols}, x.options()), dequantize, lora_left, lora_right, lora_scaling,
                       bias);
 }
-#endif
+#endif  // LK_CUDA_GLUE
 
 }  // namespace
 }  // namespace lora_kernels
 
+#if !defined(LK_EMULATED_EXTENSION)
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def("cpu_isa() -> str", &lora_kernels::cpu_isa_name);
 }
@@ -359,9 +390,10 @@ TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("dequantize_nf4", &lora_kernels::dequantize_nf4_cpu);
   m.impl("nf4_matmul", &lora_kernels::nf4_matmul_cpu);
 }
+#endif
 
-#ifdef LK_WITH_CUDA
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+#ifdef LK_CUDA_GLUE
+TORCH_LIBRARY_IMPL(LK_OPS, LK_CUDA_KEY, m) {
   m.impl("quantize_nf4", &lora_kernels::quantize_nf4_cuda);
   m.impl("dequantize_nf4", &lora_kernels::dequantize_nf4_cuda);
   m.impl("nf4_matmul", &lora_kernels::nf4_matmul_cuda);
@@ -369,7 +401,7 @@ TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
 #endif
 
 // `import lora_kernels._C` only needs a module to exist; the kernels register when the library loads.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+extern "C" PyObject* LK_MODULE_INIT(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, LK_MODULE_NAME, nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }

@@ -30,14 +30,18 @@ from __future__ import annotations
 
 import torch
 
+# The kernels' schemas (the test-only emulated CUDA backend defines the same ones in a namespace of
+# its own: backends/cuda_emulated.py).
+SCHEMAS = {
+    "quantize_nf4": "(Tensor w, int blocksize) -> (Tensor packed, Tensor absmax)",
+    "double_quantize": "(Tensor absmax, Tensor code) -> (Tensor codes, Tensor nested_absmax, Tensor offset)",
+    "dequantize_nf4": "(Tensor?[] weight, int blocksize, int numel, ScalarType dtype) -> Tensor",
+    "nf4_matmul": "(Tensor x, Tensor?[] weight, int blocksize, int rows, int cols, bool transpose, Tensor? lora_left, "
+                  "Tensor? lora_right, float lora_scaling, Tensor? bias, str route) -> Tensor",
+}
 _lib = torch.library.Library("lora_kernels", "FRAGMENT")
-_lib.define("quantize_nf4(Tensor w, int blocksize) -> (Tensor packed, Tensor absmax)")
-_lib.define("double_quantize(Tensor absmax, Tensor code) -> (Tensor codes, Tensor nested_absmax, Tensor offset)")
-_lib.define("dequantize_nf4(Tensor?[] weight, int blocksize, int numel, ScalarType dtype) -> Tensor")
-_lib.define(
-    "nf4_matmul(Tensor x, Tensor?[] weight, int blocksize, int rows, int cols, bool transpose, Tensor? lora_left, "
-    "Tensor? lora_right, float lora_scaling, Tensor? bias, str route) -> Tensor"
-)
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
 
 # The kernels' names, for the backends that register them (routes.py registers them all).
 KERNEL_OPS = ("quantize_nf4", "double_quantize", "dequantize_nf4", "nf4_matmul")

@@ -10,7 +10,7 @@ def main() -> None:
     if torch.cuda.is_available():
         print(f"device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
     for name, status in backends().items():
-        print(f"  {name:7s} {'usable' if status.usable else 'missing':8s} {status.detail}")
+        print(f"  {name:13s} {'usable' if status.usable else 'missing':8s} {status.detail}")
     print(f"forced backend: {get_backend() or 'none (automatic)'}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"matmul routes on {device} (in_features 4096):")

@@ -46,6 +46,7 @@ FUSED_MAX_ROWS = {
     "cuda": {"default": 16},
     "triton": {"default": 16},
 }
+FUSED_MAX_ROWS["cuda_emulated"] = FUSED_MAX_ROWS["cuda"]  # the CUDA kernels, run by the CPU emulator
 _MEASURED_LIMITS = ("cpu",)  # the others are forecasts until a GPU measures them
 
 

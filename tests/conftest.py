@@ -44,9 +44,10 @@ def randomize_lora(model, seed=1, scale=0.05):
 
 
 def present_backends(device: str) -> list[str]:
-    """The compiled and Triton backends usable for tensors on `device` (the reference is the oracle)."""
+    """The compiled and Triton backends usable for tensors on `device` (the reference is the oracle).
+    On the CPU that includes the CUDA kernels under the emulator (`cuda_emulated`, built by make test)."""
     status = lora_kernels.backends()
-    wanted = ("cuda", "triton") if device == "cuda" else ("cpu", "triton")
+    wanted = ("cuda", "triton") if device == "cuda" else ("cpu", "triton", "cuda_emulated")
     return [name for name in wanted if status[name].usable]
 
 
@@ -66,6 +67,12 @@ def compile_triton_for_gpu(code: str) -> dict:
             pytest.skip(f"cannot compile Triton for a GPU here: {run.stderr.strip().splitlines()[-1]}")
         raise AssertionError(run.stderr)
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def kernel_kind(device: str, backend_name: str) -> str:
+    """Whose kernels a (device, backend) pair runs: "cuda" for the CUDA kernels, on a GPU or under
+    the emulator; otherwise the device type. Tests pick dtypes and rules by it."""
+    return "cuda" if backend_name in ("cuda", "cuda_emulated") else device
 
 
 def backend_params():

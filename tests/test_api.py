@@ -217,7 +217,7 @@ def test_compile_fullgraph_matches_eager():
 # ---- backends ---------------------------------------------------------------------------------------
 def test_backends_report_why():
     status = lora_kernels.backends()
-    assert set(status) == {"cuda", "triton", "cpu", "torch"}
+    assert set(status) == {"cuda", "triton", "cpu", "torch", "cuda_emulated"}
     assert status["torch"].usable
     for name, s in status.items():
         assert s.detail, name
@@ -368,3 +368,12 @@ def test_float64_is_refused_saying_what_is_supported():
         lora_kernels.qlora_linear(torch.randn(2, 128), q, a, b, 1.0)
     with pytest.raises(ValueError, match="x must be bfloat16, float16 or float32, got torch.float64.*float64 is not"):
         lora_kernels.qlora_linear(torch.randn(2, 128, dtype=torch.float64), q, a.float(), b.float(), 1.0)
+
+
+def test_emulated_cuda_backend_is_built_where_asked():
+    """make test builds the CUDA kernels for the CPU emulator (LORA_KERNELS_CUDA_EMULATE=1): there
+    they must load, or every cuda_emulated test would silently drop out of the suite."""
+    status = lora_kernels.backends()["cuda_emulated"]
+    if os.environ.get("LORA_KERNELS_CUDA_EMULATE") != "1":
+        pytest.skip(f"not asked for: {status.detail}")
+    assert status.usable, status.detail

@@ -18,7 +18,7 @@ import torch
 import lora_kernels as lk
 from lora_kernels import reference
 
-from conftest import backend_params
+from conftest import backend_params, kernel_kind
 
 DTYPES = {"cpu": (torch.bfloat16, torch.float32), "cuda": (torch.bfloat16, torch.float16)}
 
@@ -83,7 +83,7 @@ def _compare(device, backend_name, set_backend, M, out_f, in_f, rank, dtype, bia
 @pytest.mark.parametrize("M", [1, 3, 16, 17, 128])
 @pytest.mark.parametrize("out_f,in_f", [(96, 128), (72, 192), (40, 70)])
 def test_matches_reference(device, backend_name, backend, M, out_f, in_f):
-    for dtype in DTYPES[device]:
+    for dtype in DTYPES[kernel_kind(device, backend_name)]:
         _compare(device, backend_name, backend, M, out_f, in_f, 8, dtype)
 
 
@@ -91,7 +91,7 @@ def test_matches_reference(device, backend_name, backend, M, out_f, in_f):
 @pytest.mark.parametrize("rank", [1, 16, 64])
 @pytest.mark.parametrize("bias", [True, False])
 def test_ranks_and_bias(device, backend_name, backend, rank, bias):
-    _compare(device, backend_name, backend, 5, 64, 128, rank, DTYPES[device][0], bias=bias)
+    _compare(device, backend_name, backend, 5, 64, 128, rank, DTYPES[kernel_kind(device, backend_name)][0], bias=bias)
 
 
 @pytest.mark.parametrize("device,backend_name", backend_params())
@@ -99,14 +99,14 @@ def test_dropout_mask_and_rslora(device, backend_name, backend):
     """The same dropout mask fed to both (as the branch input); rsLoRA's scaling alpha / sqrt(r)."""
     M, in_f = 6, 128
     mask = (torch.rand(M, in_f, generator=torch.Generator().manual_seed(3)) > 0.25).float() / 0.75
-    _compare(device, backend_name, backend, M, 64, in_f, 16, DTYPES[device][0], dropout_mask=mask,
+    _compare(device, backend_name, backend, M, 64, in_f, 16, DTYPES[kernel_kind(device, backend_name)][0], dropout_mask=mask,
              scaling=32 / math.sqrt(16))
 
 
 @pytest.mark.parametrize("device,backend_name", backend_params())
 def test_leading_dims_and_lora_dtype(device, backend_name, backend):
     """x [2, 3, in] and LoRA factors in the compute dtype instead of fp32."""
-    dtype = DTYPES[device][0]
+    dtype = DTYPES[kernel_kind(device, backend_name)][0]
     _compare(device, backend_name, backend, 3, 64, 128, 8, dtype, lora_dtype=dtype, lead=(2,))
 
 
@@ -171,7 +171,7 @@ def test_cpu_tiled_route_under_autograd(backend):
 def test_blocksizes(device, backend_name, backend, blocksize):
     """Other quantization block sizes (the fused CPU kernel walks a block in chunks of 32)."""
     for M in (1, 5):
-        _compare(device, backend_name, backend, M, 48, 256, 4, DTYPES[device][0], blocksize=blocksize)
+        _compare(device, backend_name, backend, M, 48, 256, 4, DTYPES[kernel_kind(device, backend_name)][0], blocksize=blocksize)
 
 
 @pytest.mark.parametrize("device,backend_name", backend_params())

@@ -1,9 +1,17 @@
-// Kernel launches that report their own error. Shared by the .cu files; no torch headers.
+// Kernel launches that report their own error, and the declaration of shared memory. Shared by
+// the .cu files; no torch headers. The two differ under the CPU emulator (emulate.h, force-included
+// by the emulated build, defines LK_CUDA_EMULATE).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <utility>
+
+// A kernel's static shared array: LK_SHARED(float, partial, [kWarps][V]) declares
+// `__shared__ float partial[kWarps][V]`; the emulator gives each block a fresh arena instead.
+#if !defined(LK_CUDA_EMULATE)
+#define LK_SHARED(type, name, dims) __shared__ type name dims
+#endif
 
 namespace lora_kernels {
 namespace cuda {
@@ -13,15 +21,21 @@ namespace cuda {
 // an earlier launch's (e.g. someone else's bad configuration) would be reported as ours, and ours
 // left for the next caller. cudaLaunchKernelEx returns the launch's own error (or a sticky one,
 // which breaks the whole context anyway) and takes the arguments with the kernel's parameter types.
+// Under the emulator the launch runs on the CPU, synchronously, and returns its error the same way.
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), unsigned grid, unsigned block, cudaStream_t stream,
                           Args&&... args) {
+#if defined(LK_CUDA_EMULATE)
+  (void)stream;
+  return emulate::launch(kernel, dim3(grid), dim3(block), 0, std::forward<Args>(args)...);
+#else
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);
   config.blockDim = dim3(block);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+#endif
 }
 
 }  // namespace cuda

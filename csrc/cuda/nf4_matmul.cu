@@ -169,9 +169,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
                              T* __restrict__ out) {
   constexpr bool kFactorScale = MT <= 2;
   constexpr int V = MT * R;  // accumulators a thread: acc[m][r] at m * R + r
-  __shared__ float lut[16];
-  __shared__ float nested_code[256];
-  __shared__ float partial[kMaxWarps][V];
+  LK_SHARED(float, lut, [16]);
+  LK_SHARED(float, nested_code, [256]);
+  LK_SHARED(float, partial, [kMaxWarps][V]);
 
   const int tid = threadIdx.x;
   const int lane = tid % 32;

@@ -109,7 +109,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     dequantize_nf4_kernel(const uint8_t* __restrict__ packed, BlockScales scales, int blocksize_log2, int64_t n,
                           T* __restrict__ out) {
-  __shared__ float nf4[16];
+  LK_SHARED(float, nf4, [16]);
   if (threadIdx.x < 16) {
     const float values[16] = LK_NF4_VALUES;
     nf4[threadIdx.x] = values[threadIdx.x];

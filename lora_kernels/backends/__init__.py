@@ -42,6 +42,6 @@ def whole_block_rows_problem(p: MatmulProblem, kernel: str) -> str | None:
     return None
 
 
-from . import cpu, cuda, torch, triton  # noqa: E402
+from . import cpu, cuda, cuda_emulated, torch, triton  # noqa: E402
 
-BACKENDS = {"cuda": cuda, "triton": triton, "cpu": cpu, "torch": torch}
+BACKENDS = {"cuda": cuda, "triton": triton, "cpu": cpu, "torch": torch, "cuda_emulated": cuda_emulated}
