@@ -34,6 +34,16 @@ def backend():
     lora_kernels.set_backend(saved)
 
 
+def spec_weight(q, dtype=torch.float32) -> torch.Tensor:
+    """The NF4 weight q dequantized by the spec itself (lora_kernels/reference.py), never through the
+    dispatcher: the oracle of the matmul and layer tests, which must not share a bug with the
+    kernel under test (dequantizing through `q.dequantize()` would run the very backend tested)."""
+    from lora_kernels import reference
+
+    return reference.dequantize_nf4(q.packed, q.absmax, tuple(q.shape), dtype, q.blocksize, q.nested_absmax,
+                                    q.nested_code, q.offset)
+
+
 def randomize_lora(model, seed=1, scale=0.05):
     """Random lora_B for every QLoRALinear of the model (a fresh layer's B is zero, which would hide
     a wrong LoRA term); lora_A is already random."""

@@ -10,6 +10,7 @@ import torch
 
 import lora_kernels
 from lora_kernels import NF4Weight, reference
+from conftest import spec_weight
 from test_quant import random_weight
 
 
@@ -356,7 +357,7 @@ def test_strided_lora_factors_and_bias_are_copied_at_the_boundary():
     bias = torch.randn(64, 2)[:, 0]  # strided
     a_t, b_t = a.t().contiguous().t(), b.t().contiguous().t()  # transposed views holding the same values
     assert not (bias.is_contiguous() or a_t.is_contiguous() or b_t.is_contiguous())
-    want = reference.qlora_linear(x, q.dequantize(torch.float32), a, b, 2.0, bias.contiguous())
+    want = reference.qlora_linear(x, spec_weight(q), a, b, 2.0, bias.contiguous())
     got = lora_kernels.qlora_linear(x, q, a_t, b_t, 2.0, bias)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -377,3 +378,23 @@ def test_emulated_cuda_backend_is_built_where_asked():
     if os.environ.get("LORA_KERNELS_CUDA_EMULATE") != "1":
         pytest.skip(f"not asked for: {status.detail}")
     assert status.usable, status.detail
+
+
+def test_oracle_never_runs_the_kernel_under_test():
+    """spec_weight (conftest), the matmul tests' oracle, dequantizes with reference.py itself: a
+    planted wrong dequantize kernel on the CPU changes what the op returns, not the oracle."""
+    torch.manual_seed(0)
+    q = lora_kernels.quantize_nf4(torch.randn(48, 128))
+    want = spec_weight(q)
+    lib = torch.library.Library("lora_kernels", "IMPL")
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
+            lib.impl("dequantize_nf4", lambda weight, blocksize, numel, dtype: torch.zeros(numel, dtype=dtype), "CPU")
+        assert lora_kernels.dequantize_nf4(q).abs().sum() == 0  # the plant took
+        assert torch.equal(spec_weight(q), want) and want.abs().sum() > 0
+    finally:
+        lib._destroy()
+    assert torch.equal(lora_kernels.dequantize_nf4(q, torch.float32), want)

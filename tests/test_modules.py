@@ -12,7 +12,7 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import reference
-from conftest import randomize_lora
+from conftest import randomize_lora, spec_weight
 
 
 def _mlp(seed=0, in_f=128, hidden=192, out_f=64):
@@ -25,7 +25,7 @@ class ReferenceQLoRA(nn.Module):
 
     def __init__(self, layer: lk.QLoRALinear):
         super().__init__()
-        self.register_buffer("weight", layer.qweight.dequantize(layer.compute_dtype))
+        self.register_buffer("weight", spec_weight(layer.qweight, layer.compute_dtype))
         self.lora_A = nn.Parameter(layer.lora_A.detach().clone())
         self.lora_B = nn.Parameter(layer.lora_B.detach().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
@@ -41,7 +41,7 @@ def test_fresh_layer_equals_quantized_base():
     layer = lk.QLoRALinear(128, 64, r=8, compute_dtype=torch.float32)
     assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
     x = torch.randn(3, 128)
-    base = torch.nn.functional.linear(x, layer.qweight.dequantize(torch.float32), layer.bias)
+    base = torch.nn.functional.linear(x, spec_weight(layer.qweight), layer.bias)
     torch.testing.assert_close(layer(x), base, rtol=1e-5, atol=1e-5)  # fp32 summation order only
 
 
