@@ -297,15 +297,19 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const WeightList& weight, int64_t
   return dequant_gemm(x, c, cpu_scratch(rows, cols, dtype), dequantize, lora_left, lora_right, lora_scaling, bias);
 }
 
-// What the CPU kernels use here: the instruction set detected, capped by LORA_KERNELS_CPU_ISA.
-std::string cpu_isa_name() {
-  switch (cpu::cpu_isa()) {
+std::string isa_name(cpu::Isa isa) {
+  switch (isa) {
     case cpu::Isa::kAvx512Bf16: return "avx512bf16";
     case cpu::Isa::kAvx512: return "avx512";
     case cpu::Isa::kAvx2: return "avx2";
     default: return "scalar";
   }
 }
+
+// What the CPU kernels use here: the instruction set detected, capped by LORA_KERNELS_CPU_ISA.
+std::string cpu_isa_name() { return isa_name(cpu::cpu_isa()); }
+// What this machine could run, whatever the cap: the paths above it go untested here.
+std::string cpu_isa_hardware_name() { return isa_name(cpu::hardware_isa()); }
 #endif  // !LK_EMULATED_EXTENSION
 
 #ifdef LK_CUDA_GLUE
@@ -382,6 +386,7 @@ at::Tensor nf4_matmul_cuda(const at::Tensor& x, const WeightList& weight, int64_
 #if !defined(LK_EMULATED_EXTENSION)
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def("cpu_isa() -> str", &lora_kernels::cpu_isa_name);
+  m.def("cpu_isa_hardware() -> str", &lora_kernels::cpu_isa_hardware_name);
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {

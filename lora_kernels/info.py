@@ -3,6 +3,7 @@
 import torch
 
 from . import __version__, backends, explain, get_backend
+from .backends import cpu as cpu_backend
 
 
 def main() -> None:
@@ -12,6 +13,11 @@ def main() -> None:
     for name, status in backends().items():
         print(f"  {name:13s} {'usable' if status.usable else 'missing':8s} {status.detail}")
     print(f"forced backend: {get_backend() or 'none (automatic)'}")
+    paths = cpu_backend.code_paths()
+    if any(paths.values()):
+        untested = [p for p, here in paths.items() if not here]
+        print(f"CPU code paths this machine runs: {', '.join(p for p, here in paths.items() if here)}; "
+              f"cannot run here (untested here): {', '.join(untested) or 'none'}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"matmul routes on {device} (in_features 4096):")
     for m in (1, 16, 64, 4096):

@@ -92,6 +92,44 @@ def test_peft_saved_adapter_loads_into_ours(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in lk.adapter_state_dict(ours).items())
 
 
+def _peft_key_variants(pm):
+    """PEFT's own names for the same factors: as saved (get_peft_model_state_dict: lora_A.weight) and
+    in memory (the model's state_dict: lora_A.default.weight), each with and without the
+    `base_model.model.` prefix."""
+    saved = {k: v for k, v in peft.get_peft_model_state_dict(pm).items() if ".lora_" in k}
+    in_memory = {k: v for k, v in pm.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    assert saved and all(".default." not in k for k in saved)
+    assert in_memory and all(".lora_A.default.weight" in k or ".lora_B.default.weight" in k for k in in_memory)
+    strip = lambda d: {k.removeprefix(lk.modules.PEFT_PREFIX): v for k, v in d.items()}  # noqa: E731
+    return {"saved": saved, "saved-unprefixed": strip(saved), "in-memory": in_memory,
+            "in-memory-unprefixed": strip(in_memory)}
+
+
+@pytest.mark.parametrize("variant", ["saved", "saved-unprefixed", "in-memory", "in-memory-unprefixed"])
+def test_peft_key_variants_load_exactly(variant):
+    """Every key spelling PEFT uses loads each factor into its own place, bit for bit: lora_A from
+    lora_A (in memory: lora_A.default), lora_B from lora_B, every layer."""
+    base = _tiny_bert()
+    targets = ["query", "value"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    pm = peft.get_peft_model(copy.deepcopy(base), config)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g))  # A and B random and different
+    state = _peft_key_variants(pm)[variant]
+    ours = copy.deepcopy(base)
+    lk.replace_linear(ours, target_modules=targets, r=4, lora_alpha=8, compute_dtype=torch.float32)
+    lk.load_adapter_state_dict(ours, state, prefix=lk.modules.PEFT_PREFIX)
+    layers = lk.modules.lora_layers(ours)
+    assert len(layers) == 2 * 2  # two blocks, query and value
+    for name, layer in layers.items():
+        peft_layer = pm.base_model.model.get_submodule(name)
+        assert torch.equal(layer.lora_A, peft_layer.lora_A["default"].weight), name
+        assert torch.equal(layer.lora_B, peft_layer.lora_B["default"].weight), name
+
+
 def test_ours_saved_adapter_loads_into_peft(tmp_path):
     base = _tiny_bert()
     ours = copy.deepcopy(base)

@@ -178,3 +178,54 @@ def test_compiled_backward_chooses_its_route_when_it_runs(backend):
         grads[name] = x.grad.clone()
     torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-5, atol=1e-5)  # fp32: summation order
     torch.testing.assert_close(grads[None], grads["torch"], rtol=1e-5, atol=1e-5)
+
+
+# ---- the route boundaries: one value, told the same everywhere ------------------------------------
+def _readme_fused_max_rows() -> dict[str, int]:
+    """{backend: N} from the README's route table ("M ≤ N" in each backend's fused column)."""
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    rows = re.findall(r"^\| `(\w+)` \| ([^|]*)\|", readme, flags=re.M)
+    return {name: int(m.group(1)) for name, fused in rows if (m := re.search(r"M ≤ (\d+)", fused))}
+
+
+def _cpp_constant(name: str) -> int:
+    import os
+    import re
+
+    header = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "kernels.h")).read()
+    return int(re.search(rf"constexpr int64_t {name} = (\d+);", header).group(1))
+
+
+def test_route_boundaries_agree_everywhere():
+    """The README's table, routes.FUSED_MAX_ROWS and the kernels' own limits say the same M."""
+    table = {name: rows["default"] for name, rows in lk.routes.FUSED_MAX_ROWS.items()}
+    readme = _readme_fused_max_rows()
+    assert readme == {k: table[k] for k in ("cpu", "cuda", "triton")}, (readme, table)
+    assert table["cuda"] == lk.routes.BACKENDS["cuda"].DECODE_MAX_ROWS == _cpp_constant("kDecodeMaxRows")
+    assert table["cuda_emulated"] == table["cuda"]
+
+
+def test_cpu_route_boundary_is_pinned(backend):
+    """The measured CPU boundary (routes.py: fused 1.15x bf16 F.linear at M = 4, 2.1x at M = 8;
+    dequant+GEMM 1.6x): a change must be re-measured, and this pin, the README and the table moved
+    together."""
+    if not lk.backends()["cpu"].usable:
+        pytest.skip("C++ CPU backend not built")
+    backend("cpu")
+    assert lk.explain("cpu", 4, 4096)["route"] == "fused"
+    assert lk.explain("cpu", 5, 4096)["route"] == "dequant_gemm"
+
+
+def test_cuda_route_boundary_is_pinned(backend):
+    """The decode kernel's limit, asked of the CUDA rules by their facts (no GPU needed), and of the
+    same kernels under the emulator."""
+    p = lk.routes.MatmulProblem("cuda", "sm_90", torch.bfloat16, 16, 4096, 4096, 64, False, True, True)
+    assert lk.routes.choose_route("cuda", p)[0] == "fused"
+    assert lk.routes.choose_route("cuda", p._replace(M=17))[0] == "dequant_gemm"
+    if lk.backends()["cuda_emulated"].usable:
+        backend("cuda_emulated")
+        assert lk.explain("cpu", 16, 4096)["route"] == "fused"
+        assert lk.explain("cpu", 17, 4096)["route"] == "dequant_gemm"

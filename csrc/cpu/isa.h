@@ -11,7 +11,8 @@ namespace cpu {
 
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
-inline Isa detect_isa() {
+// What this CPU has, whatever the cap.
+inline Isa hardware_isa() {
   Isa have = Isa::kScalar;
 #if defined(__x86_64__)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
@@ -21,12 +22,18 @@ inline Isa detect_isa() {
     have = Isa::kAvx512;
   if (have == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16")) have = Isa::kAvx512Bf16;
 #endif
+  return have;
+}
+
+inline Isa detect_isa() {
+  const Isa have = hardware_isa();
   const char* cap = std::getenv("LORA_KERNELS_CPU_ISA");
   if (cap == nullptr || *cap == '\0') return have;
   Isa limit = Isa::kAvx512Bf16;
   if (std::strcmp(cap, "scalar") == 0) limit = Isa::kScalar;
   else if (std::strcmp(cap, "avx2") == 0) limit = Isa::kAvx2;
   else if (std::strcmp(cap, "avx512") == 0) limit = Isa::kAvx512;
+  else if (std::strcmp(cap, "avx512bf16") == 0) limit = Isa::kAvx512Bf16;
   return static_cast<int>(limit) < static_cast<int>(have) ? limit : have;
 }
 

@@ -24,5 +24,18 @@ def status() -> Status:
     return Status(True, f"C++ kernels, {torch.get_num_threads()} threads, {isa} code paths")
 
 
+# Every code path the CPU kernels' dispatcher can pick, lowest first (csrc/cpu/isa.h). Each can be
+# forced from above with LORA_KERNELS_CPU_ISA=<path>; a machine runs those up to what it has.
+CODE_PATHS = ("scalar", "avx2", "avx512", "avx512bf16")
+
+
+def code_paths() -> dict[str, bool]:
+    """{path: whether this machine can run it}; the ones it cannot go untested here."""
+    if not extension.has_kernels("CPU"):
+        return {path: False for path in CODE_PATHS}
+    best = CODE_PATHS.index(torch.ops.lora_kernels.cpu_isa_hardware())
+    return {path: i <= best for i, path in enumerate(CODE_PATHS)}
+
+
 def fused_problem(p) -> str | None:
     return whole_block_rows_problem(p, "fused CPU kernel")
