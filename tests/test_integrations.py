@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from conftest import randomize_lora
+from conftest import randomize_lora, spec_weight
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -43,7 +43,7 @@ def _with_nf4_base(model, names, compute_dtype=torch.float32):
         lin = ref.get_submodule(name)
         q = lk.quantize_nf4(lin.weight.detach().to(compute_dtype))
         with torch.no_grad():
-            lin.weight.copy_(lk.dequantize_nf4(q).to(lin.weight.dtype))
+            lin.weight.copy_(spec_weight(q, compute_dtype).to(lin.weight.dtype))  # the spec's, not the dispatcher's
     return ref
 
 
