@@ -188,3 +188,13 @@ def test_non_contiguous_lora_b(device, backend_name, backend):
         torch.testing.assert_close(y, ref, rtol=0, atol=0)
     y.sum().backward()
     assert base.grad is not None and base.grad.shape == (4, 48)
+
+
+@pytest.mark.parametrize("device,backend_name", backend_params())
+def test_wide_layer(device, backend_name, backend):
+    """in_features 4096: the CUDA decode kernel splits K over 2 warps and sums them through shared
+    memory (narrower layers use one warp), the CPU kernels walk 64 blocks a row."""
+    if backend_name == "triton" and device == "cpu":
+        pytest.skip("too many programs for the Triton interpreter")
+    for M in (1, 5, 16):
+        _compare(device, backend_name, backend, M, 40, 4096, 8, DTYPES[kernel_kind(device, backend_name)][0])

@@ -15,10 +15,12 @@
 //     __syncwarp exchange values between the 32 lanes of a warp: a lane waits until every lane of
 //     its mask has arrived at a collective with the same mask; a lane outside the mask, a lane of
 //     the mask that has exited or waits elsewhere, or a mask that omits the caller is an error.
-//   - Scheduling shuffle: between two sync points the runnable threads of a block run in a random
-//     order, drawn from LK_EMULATE_SEED (or a fresh seed each process, reported by seed()), so a
-//     missing barrier or a warp-synchronous assumption shows up as a wrong result, not by luck of
-//     order. Per block the order depends only on the seed and the block index.
+//   - Scheduling shuffle: each step runs one runnable thread of the block, drawn at random, up to
+//     its next sync point, and a warp whose lanes have all met in a collective may go on at once, so
+//     one warp can run far ahead of another between barriers. The draws come from LK_EMULATE_SEED
+//     (or a fresh seed each process, reported by seed()), so a missing barrier or a warp-synchronous
+//     assumption shows up as a wrong result, not by luck of order. Per block the order depends only
+//     on the seed and the block index (LK_EMULATE_SCHEDULE=in-order: the lowest index first).
 //   - Shared memory (LK_SHARED in launch.cuh) is a per-block arena filled with 0xFF bytes (NaN as
 //     fp32) at each block's start, each array followed by a redzone that AddressSanitizer watches;
 //     more than 48 KiB of static shared memory a block is refused, as on every GPU we build for.
@@ -50,6 +52,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -324,10 +327,10 @@ inline std::string describe_states(const Worker& w, int nthreads) {
          " in a warp collective, " + std::to_string(counts[3]) + " exited";
 }
 
-// Completes the warp collectives whose every lane has arrived; false when none could.
-inline bool resolve_warps(Worker& w, int nthreads) {
-  bool progress = false;
-  for (int warp_base = 0; warp_base < nthreads; warp_base += kWarpSize) {
+// Completes the collectives of the warp starting at thread `warp_base` whose every lane has arrived,
+// appending the lanes it releases to `released`; on a broken collective sets w.error.
+inline void resolve_warp(Worker& w, int nthreads, int warp_base, std::vector<int>& released) {
+  {
     const int lanes = std::min(kWarpSize, nthreads - warp_base);
     for (int lane = 0; lane < lanes; ++lane) {
       Fiber& first = w.fibers[warp_base + lane];
@@ -338,7 +341,7 @@ inline bool resolve_warps(Worker& w, int nthreads) {
         if (other >= lanes) {
           w.error = "a warp collective's mask names lane " + std::to_string(other) + ", which the block (" +
                     std::to_string(nthreads) + " threads) does not have";
-          return false;
+          return;
         }
         const Fiber& o = w.fibers[warp_base + other];
         if (o.state != State::kWarp) {
@@ -348,7 +351,7 @@ inline bool resolve_warps(Worker& w, int nthreads) {
         if (o.mask != first.mask || o.kind != first.kind) {
           w.error = "lanes " + std::to_string(lane) + " and " + std::to_string(other) + " of warp " +
                     std::to_string(warp_base / kWarpSize) + " meet in different warp collectives or masks";
-          return false;
+          return;
         }
       }
       if (!ready) continue;
@@ -375,16 +378,15 @@ inline bool resolve_warps(Worker& w, int nthreads) {
           if (source < 0 || source >= kWarpSize || !(first.mask >> source & 1u)) {
             w.error = "lane " + std::to_string(other) + " of warp " + std::to_string(warp_base / kWarpSize) +
                       " reads lane " + std::to_string(source) + ", which is not in the shuffle's mask";
-            return false;
+            return;
           }
           f.value = contributed[source];
         }
         f.state = State::kRunnable;
+        released.push_back(warp_base + other);
       }
-      progress = true;
     }
   }
-  return progress;
 }
 
 // Runs one block to completion on this OS thread; false (and w.error) if it failed.
@@ -408,25 +410,30 @@ inline bool run_block(Worker& w, uint64_t block_linear) {
 
   std::mt19937_64 rng(seed() ^ (block_linear * 0x9E3779B97F4A7C15ull));
   const bool shuffle = shuffle_enabled();
-  std::vector<int> order;
-  order.reserve(nthreads);
+  // The threads that can run. Each step runs one of them (a random one, or the lowest index
+  // in order) up to its next sync point; a warp whose lanes have all arrived at a collective goes on
+  // at once, so a warp can run ahead of the others as far as the barriers allow.
+  std::vector<int> ready;
+  ready.reserve(nthreads);
+  for (int i = nthreads - 1; i >= 0; --i) ready.push_back(i);  // the back is taken next
   for (;;) {
-    order.clear();
-    for (int i = 0; i < nthreads; ++i)
-      if (w.fibers[i].state == State::kRunnable) order.push_back(i);
-    if (shuffle) std::shuffle(order.begin(), order.end(), rng);
-    for (int i : order) {
+    while (!ready.empty()) {
+      if (shuffle) std::swap(ready[rng() % ready.size()], ready.back());
+      const int i = ready.back();
+      ready.pop_back();
       resume(w, i);
       if (!w.error.empty()) return false;
+      if (w.shared_bytes > kMaxStaticShared) {
+        w.error = "a block declares " + std::to_string(w.shared_bytes) + " bytes of shared memory, more than the "
+                  "48 KiB of static shared memory a GPU gives it";
+        return false;
+      }
+      if (w.fibers[i].state == State::kWarp) {
+        resolve_warp(w, nthreads, i / kWarpSize * kWarpSize, ready);
+        if (!w.error.empty()) return false;
+        if (!shuffle) std::sort(ready.begin(), ready.end(), std::greater<int>());  // in order: lowest last
+      }
     }
-    if (!w.error.empty()) return false;
-    if (w.shared_bytes > kMaxStaticShared) {
-      w.error = "a block declares " + std::to_string(w.shared_bytes) + " bytes of shared memory, more than the "
-                "48 KiB of static shared memory a GPU gives it";
-      return false;
-    }
-    if (resolve_warps(w, nthreads)) continue;
-    if (!w.error.empty()) return false;
     int at_barrier = 0, done = 0;
     for (int i = 0; i < nthreads; ++i) {
       at_barrier += w.fibers[i].state == State::kBarrier;
@@ -434,7 +441,10 @@ inline bool run_block(Worker& w, uint64_t block_linear) {
     }
     if (done == nthreads) return true;
     if (at_barrier == nthreads) {
-      for (int i = 0; i < nthreads; ++i) w.fibers[i].state = State::kRunnable;
+      for (int i = nthreads - 1; i >= 0; --i) {
+        w.fibers[i].state = State::kRunnable;
+        ready.push_back(i);
+      }
       continue;
     }
     w.error = "the block cannot go on (a deadlock, or a barrier or warp collective some threads never reach): " +
