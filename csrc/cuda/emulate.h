@@ -141,6 +141,12 @@ struct Worker {
 
 inline thread_local Worker* t_worker = nullptr;
 
+// The calling thread's worker, one for every kernel: it keeps its fiber stacks from launch to launch.
+inline Worker& calling_thread_worker() {
+  static thread_local Worker worker;
+  return worker;
+}
+
 inline std::mutex& error_mutex() {
   static std::mutex m;
   return m;
@@ -532,8 +538,7 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dyna
       Worker w;
       work(w);
     });
-  static thread_local Worker caller;  // the calling thread keeps its fiber stacks from launch to launch
-  work(caller);
+  work(calling_thread_worker());
   for (std::thread& t : helpers) t.join();
 
   std::lock_guard<std::mutex> lock(error_mutex());
