@@ -22,6 +22,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # here, so the codegen tests check what this builds.
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0"
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+# The host compiler's extra flags for csrc/cuda/*.cu under the emulator (the emulated extension and
+# tests/test_cuda_emulated_asan.py): nvcc's #pragma unroll, and memcpy into CUDA's __half2 as the
+# kernels do on the device, are not warnings there.
+EMULATE_FLAGS = ["-Wno-unknown-pragmas", "-Wno-class-memaccess"]
 
 
 def _extensions():
@@ -104,8 +108,7 @@ def _emulated_extension(cpp_extension, cxx_flags):
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc"), cuda_include],
         define_macros=[("LK_EMULATED_EXTENSION", None)],
-        # nvcc's #pragma unroll; memcpy into CUDA's __half2, as the kernels do on the device
-        extra_compile_args={"cxx": cxx_flags + ["-Wno-unknown-pragmas", "-Wno-class-memaccess"]},
+        extra_compile_args={"cxx": cxx_flags + EMULATE_FLAGS},
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_ERROR_INVALID_VALUE = 1  # cudaErrorInvalidValue
 
 
-def _setup_constant(name):
+def setup_constant(name):
     """A module-level literal of setup.py, read without running setup.py."""
     with open(os.path.join(ROOT, "setup.py")) as f:
         tree = ast.parse(f.read())
@@ -27,8 +27,8 @@ def _setup_constant(name):
     raise LookupError(f"setup.py defines no {name}")
 
 
-ARCHS = [arch.replace(".", "") for arch in _setup_constant("DEFAULT_CUDA_ARCH_LIST").split(";")]  # "80", ...
-NVCC_FLAGS = _setup_constant("NVCC_FLAGS")
+ARCHS = [arch.replace(".", "") for arch in setup_constant("DEFAULT_CUDA_ARCH_LIST").split(";")]  # "80", ...
+NVCC_FLAGS = setup_constant("NVCC_FLAGS")
 
 
 def nvcc():

@@ -4,6 +4,7 @@ trace under torch.compile, backends can be listed and forced."""
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -388,8 +389,6 @@ def test_oracle_never_runs_the_kernel_under_test():
     want = spec_weight(q)
     lib = torch.library.Library("lora_kernels", "IMPL")
     try:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
             lib.impl("dequantize_nf4", lambda weight, blocksize, numel, dtype: torch.zeros(numel, dtype=dtype), "CPU")

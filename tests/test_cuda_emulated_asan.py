@@ -23,6 +23,7 @@ import subprocess
 import pytest
 import torch
 
+from cuda_compile import setup_constant
 from lora_kernels import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ RELATIVE_TOLERANCE = {torch.bfloat16: 4 * 2.0**-8, torch.float16: 4 * 2.0**-11}
 UNITS = ["tests/emulate/check_kernels.cpp", "tests/emulate/selftest.cu"] + sorted(
     os.path.join("csrc", "cuda", f) for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if f.endswith(".cu"))
 FLAGS = ["-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-         "-fno-omit-frame-pointer", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", "-Wno-class-memaccess",
+         "-fno-omit-frame-pointer", "-ffp-contract=off", "-Wall", *setup_constant("EMULATE_FLAGS"),
          "-I" + os.path.join(ROOT, "csrc"), "-I" + CUDA_INCLUDE]
 
 

@@ -6,7 +6,9 @@ and so does the automatic choice, and both match the reference.
 The reference: W dequantized by the spec in x's dtype (as every kernel rounds it), the matmul,
 LoRA term and bias in float64."""
 
+import os
 import random
+import re
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from conftest import present_backends
 import lora_kernels as lk
 from lora_kernels import _ops, reference
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = 40
 BLOCKSIZE = 64
 # Allowed |out - reference|, as a fraction of the largest term that enters an output (|x|.|W|^T,
@@ -183,19 +186,13 @@ def test_compiled_backward_chooses_its_route_when_it_runs(backend):
 # ---- the route boundaries: one value, told the same everywhere ------------------------------------
 def _readme_fused_max_rows() -> dict[str, int]:
     """{backend: N} from the README's route table ("M ≤ N" in each backend's fused column)."""
-    import os
-    import re
-
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
     rows = re.findall(r"^\| `(\w+)` \| ([^|]*)\|", readme, flags=re.M)
     return {name: int(m.group(1)) for name, fused in rows if (m := re.search(r"M ≤ (\d+)", fused))}
 
 
 def _cpp_constant(name: str) -> int:
-    import os
-    import re
-
-    header = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "kernels.h")).read()
+    header = open(os.path.join(ROOT, "csrc", "kernels.h")).read()
     return int(re.search(rf"constexpr int64_t {name} = (\d+);", header).group(1))
 
 

@@ -1,8 +1,9 @@
 // The CUDA execution model on the CPU, for our own kernel sources: csrc/cuda/*.cu compiled by the
-// host C++ compiler with this header force-included (-include csrc/cuda/emulate.h), so the very
-// source nvcc builds runs here, in CI, where no GPU is. Test-only: the emulated kernels are the
-// `cuda_emulated` backend (setup.py, LORA_KERNELS_CUDA_EMULATE=1) and tests/emulate/check_kernels.cpp
-// under AddressSanitizer. No kernel source is forked: what differs is a macro here or in launch.cuh.
+// host C++ compiler with this header included first (setup.py's generated wrappers; -include in the
+// sanitizer build), so the very source nvcc builds runs here, in CI, where no GPU is. Test-only: the
+// emulated kernels are the `cuda_emulated` backend (setup.py, LORA_KERNELS_CUDA_EMULATE=1) and
+// tests/emulate/check_kernels.cpp under AddressSanitizer. No kernel source is forked: what differs
+// is a macro here or in launch.cuh.
 //
 // What is emulated:
 //   - A launch runs the grid's blocks one after another on each of a few OS threads
@@ -336,61 +337,59 @@ inline std::string describe_states(const Worker& w, int nthreads) {
 // Completes the collectives of the warp starting at thread `warp_base` whose every lane has arrived,
 // appending the lanes it releases to `released`; on a broken collective sets w.error.
 inline void resolve_warp(Worker& w, int nthreads, int warp_base, std::vector<int>& released) {
-  {
-    const int lanes = std::min(kWarpSize, nthreads - warp_base);
-    for (int lane = 0; lane < lanes; ++lane) {
-      Fiber& first = w.fibers[warp_base + lane];
-      if (first.state != State::kWarp) continue;
-      bool ready = true;
-      for (int other = 0; other < kWarpSize; ++other) {
-        if (!(first.mask >> other & 1u)) continue;
-        if (other >= lanes) {
-          w.error = "a warp collective's mask names lane " + std::to_string(other) + ", which the block (" +
-                    std::to_string(nthreads) + " threads) does not have";
-          return;
-        }
-        const Fiber& o = w.fibers[warp_base + other];
-        if (o.state != State::kWarp) {
-          ready = false;
+  const int lanes = std::min(kWarpSize, nthreads - warp_base);
+  for (int lane = 0; lane < lanes; ++lane) {
+    Fiber& first = w.fibers[warp_base + lane];
+    if (first.state != State::kWarp) continue;
+    bool ready = true;
+    for (int other = 0; other < kWarpSize; ++other) {
+      if (!(first.mask >> other & 1u)) continue;
+      if (other >= lanes) {
+        w.error = "a warp collective's mask names lane " + std::to_string(other) + ", which the block (" +
+                  std::to_string(nthreads) + " threads) does not have";
+        return;
+      }
+      const Fiber& o = w.fibers[warp_base + other];
+      if (o.state != State::kWarp) {
+        ready = false;
+        break;
+      }
+      if (o.mask != first.mask || o.kind != first.kind) {
+        w.error = "lanes " + std::to_string(lane) + " and " + std::to_string(other) + " of warp " +
+                  std::to_string(warp_base / kWarpSize) + " meet in different warp collectives or masks";
+        return;
+      }
+    }
+    if (!ready) continue;
+    uint64_t contributed[kWarpSize] = {};
+    for (int other = 0; other < lanes; ++other)
+      if (first.mask >> other & 1u) contributed[other] = w.fibers[warp_base + other].value;
+    for (int other = 0; other < lanes; ++other) {
+      if (!(first.mask >> other & 1u)) continue;
+      Fiber& f = w.fibers[warp_base + other];
+      const int segment = other / f.width * f.width;  // the first lane of this lane's width segment
+      int source = other;
+      switch (f.kind) {
+        case Collective::kSyncWarp: break;
+        case Collective::kShflIdx: source = segment + ((f.operand % f.width) + f.width) % f.width; break;
+        case Collective::kShflXor: {
+          const int target = other ^ f.operand;
+          source = target < segment + f.width ? target : other;  // a later segment: its own value
           break;
         }
-        if (o.mask != first.mask || o.kind != first.kind) {
-          w.error = "lanes " + std::to_string(lane) + " and " + std::to_string(other) + " of warp " +
-                    std::to_string(warp_base / kWarpSize) + " meet in different warp collectives or masks";
+        case Collective::kShflDown: source = other + f.operand < segment + f.width ? other + f.operand : other; break;
+        case Collective::kShflUp: source = other - f.operand >= segment ? other - f.operand : other; break;
+      }
+      if (f.kind != Collective::kSyncWarp) {
+        if (source < 0 || source >= kWarpSize || !(first.mask >> source & 1u)) {
+          w.error = "lane " + std::to_string(other) + " of warp " + std::to_string(warp_base / kWarpSize) +
+                    " reads lane " + std::to_string(source) + ", which is not in the shuffle's mask";
           return;
         }
+        f.value = contributed[source];
       }
-      if (!ready) continue;
-      uint64_t contributed[kWarpSize] = {};
-      for (int other = 0; other < lanes; ++other)
-        if (first.mask >> other & 1u) contributed[other] = w.fibers[warp_base + other].value;
-      for (int other = 0; other < lanes; ++other) {
-        if (!(first.mask >> other & 1u)) continue;
-        Fiber& f = w.fibers[warp_base + other];
-        const int segment = other / f.width * f.width;  // the first lane of this lane's width segment
-        int source = other;
-        switch (f.kind) {
-          case Collective::kSyncWarp: break;
-          case Collective::kShflIdx: source = segment + ((f.operand % f.width) + f.width) % f.width; break;
-          case Collective::kShflXor: {
-            const int target = other ^ f.operand;
-            source = target < segment + f.width ? target : other;  // a later segment: its own value
-            break;
-          }
-          case Collective::kShflDown: source = other + f.operand < segment + f.width ? other + f.operand : other; break;
-          case Collective::kShflUp: source = other - f.operand >= segment ? other - f.operand : other; break;
-        }
-        if (f.kind != Collective::kSyncWarp) {
-          if (source < 0 || source >= kWarpSize || !(first.mask >> source & 1u)) {
-            w.error = "lane " + std::to_string(other) + " of warp " + std::to_string(warp_base / kWarpSize) +
-                      " reads lane " + std::to_string(source) + ", which is not in the shuffle's mask";
-            return;
-          }
-          f.value = contributed[source];
-        }
-        f.state = State::kRunnable;
-        released.push_back(warp_base + other);
-      }
+      f.state = State::kRunnable;
+      released.push_back(warp_base + other);
     }
   }
 }

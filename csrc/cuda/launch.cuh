@@ -1,5 +1,5 @@
 // Kernel launches that report their own error, and the declaration of shared memory. Shared by
-// the .cu files; no torch headers. The two differ under the CPU emulator (emulate.h, force-included
+// the .cu files; no torch headers. The two differ under the CPU emulator (emulate.h, included first
 // by the emulated build, defines LK_CUDA_EMULATE).
 #pragma once
 

@@ -11,12 +11,10 @@ CUDA code paths a GPU would take. Never chosen automatically; slow (each GPU thr
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .. import _ops
-from . import Status, cuda
+from . import Status, cuda, extension
 
 NAME = "cuda_emulated"
 RUNS_ON = ("cpu",)
@@ -28,14 +26,8 @@ _lib = torch.library.Library("lora_kernels_emulated", "DEF")
 for _name in _OPS:
     _lib.define(_name + _ops.SCHEMAS[_name])
 
-try:
-    importlib.import_module("lora_kernels._C_emulated")
-    _ERROR: str | None = None
-except ModuleNotFoundError:
-    _ERROR = ("test-only, not built: build it with LORA_KERNELS_CUDA_EMULATE=1 (make test does), CUDA's headers "
-              "needed")
-except ImportError as exc:
-    _ERROR = f"lora_kernels._C_emulated did not load: {exc}"
+_ERROR = extension.load("lora_kernels._C_emulated", "test-only, not built: build it with LORA_KERNELS_CUDA_EMULATE=1 "
+                                                    "(make test does), CUDA's headers needed")
 
 KERNELS = {} if _ERROR else {name: getattr(torch.ops.lora_kernels_emulated, name).default for name in _OPS}
 

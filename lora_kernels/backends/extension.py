@@ -8,13 +8,19 @@ import importlib
 
 import torch
 
-try:
-    importlib.import_module("lora_kernels._C")
-    ERROR: str | None = None
-except ModuleNotFoundError:
-    ERROR = "the compiled extension lora_kernels._C is not built (pip install -e . builds it)"
-except ImportError as exc:  # built against another torch, or a missing library
-    ERROR = f"the compiled extension lora_kernels._C did not load: {exc}"
+
+def load(module: str, not_built: str) -> str | None:
+    """Imports a compiled extension of ours; None, or why it is not usable (`not_built` when absent)."""
+    try:
+        importlib.import_module(module)
+        return None
+    except ModuleNotFoundError:
+        return not_built
+    except ImportError as exc:  # built against another torch, or a missing library
+        return f"the compiled extension {module} did not load: {exc}"
+
+
+ERROR = load("lora_kernels._C", "the compiled extension lora_kernels._C is not built (pip install -e . builds it)")
 
 
 @functools.cache
