@@ -43,10 +43,13 @@ struct Nf4Matrix {
   int64_t blocksize = 64;
 };
 
-// Terms a fused matmul adds to its fp32 accumulator before the one rounding to the output dtype:
-//   out[m, n] = acc[m, n] + lora_scaling * sum_j lora_left[m, j] * lora_right[n, j] + bias[n]
+// Terms a fused matmul applies to its fp32 accumulator before the one rounding to the output dtype:
+//   out[m, n] = out_scale[n] * (acc[m, n] + lora_scaling * sum_j lora_left[m, j] * lora_right[n, j]) + bias[n]
 // lora_left [M, rank] and lora_right [N, rank] are row-major, contiguous, both of `lora_dtype`
-// (rank = 0 or lora_left == nullptr: no LoRA term); bias [N] has the output dtype (nullptr: none).
+// (rank = 0 or lora_left == nullptr: no LoRA term); bias [N] has the output dtype (nullptr: none);
+// out_scale [N] is fp32 (nullptr: none, and not even a multiply by 1, so the bits stay those of the
+// unscaled epilogue). DoRA's column scale, magnitude / ||W + s B A||_row: it scales the LoRA term
+// too, and not the bias.
 struct Epilogue {
   const void* lora_left = nullptr;
   const void* lora_right = nullptr;
@@ -54,6 +57,7 @@ struct Epilogue {
   int64_t rank = 0;
   float lora_scaling = 0.f;
   const void* bias = nullptr;
+  const float* out_scale = nullptr;
 };
 
 namespace cpu {

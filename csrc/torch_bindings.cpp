@@ -152,7 +152,7 @@ Nf4Matrix nf4_matrix(const WeightList& weight, int64_t blocksize, int64_t rows, 
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-// ---- nf4_matmul: out = x . deq(W)^T (or x . deq(W) when transposed) + lora_scaling * left . right^T + bias ----
+// ---- nf4_matmul: out = out_scale * (x . deq(W)^T + lora_scaling * left . right^T) + bias (x . deq(W) transposed) ----
 
 enum class Route { kFused, kDequantGemm };
 
@@ -169,7 +169,8 @@ struct MatmulCall {
 MatmulCall check_matmul(const at::Tensor& x, const WeightList& weight, int64_t blocksize, int64_t rows, int64_t cols,
                         bool transpose, const std::optional<at::Tensor>& lora_left,
                         const std::optional<at::Tensor>& lora_right, double lora_scaling,
-                        const std::optional<at::Tensor>& bias, c10::string_view route) {
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale,
+                        c10::string_view route) {
   MatmulCall c;
   c.w = nf4_matrix(weight, blocksize, rows, cols);
   c.transpose = transpose;
@@ -201,6 +202,11 @@ MatmulCall check_matmul(const at::Tensor& x, const WeightList& weight, int64_t b
     check_tensor(*bias, "bias", x.scalar_type(), c.N, x.device());
     c.epi.bias = bias->data_ptr();
   }
+  if (out_scale.has_value()) {
+    // fp32 whatever the output dtype: the scale is applied to the fp32 accumulator
+    check_tensor(*out_scale, "out_scale", at::kFloat, c.N, x.device());
+    c.epi.out_scale = out_scale->data_ptr<float>();
+  }
   if (route == "fused") {
     c.route = Route::kFused;
     TORCH_CHECK(!transpose, "lora_kernels: the fused route is forward-only; route a transposed nf4_matmul to "
@@ -214,12 +220,21 @@ MatmulCall check_matmul(const at::Tensor& x, const WeightList& weight, int64_t b
   return c;
 }
 
-// The unfused epilogue, in the output dtype: out += lora_scaling * left . right^T; out += bias.
+// The unfused epilogue. Without out_scale, in the output dtype: out += lora_scaling * left . right^T;
+// out += bias. With it, out = out_scale * (out + lora term) + bias, the scale and the bias in fp32
+// and rounded once to the output dtype, as the fused kernels do (the LoRA addmm stays in the output
+// dtype, as without the scale).
 void add_epilogue(at::Tensor& out, const std::optional<at::Tensor>& lora_left,
                   const std::optional<at::Tensor>& lora_right, double lora_scaling,
-                  const std::optional<at::Tensor>& bias) {
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale) {
   if (lora_left.has_value() && lora_left->size(1) > 0)
     out.addmm_(lora_left->to(out.scalar_type()), lora_right->to(out.scalar_type()).t(), 1.0, lora_scaling);
+  if (out_scale.has_value()) {
+    at::Tensor scaled = out.to(at::kFloat).mul_(*out_scale);
+    if (bias.has_value()) scaled.add_(*bias);
+    out.copy_(scaled);
+    return;
+  }
   if (bias.has_value()) out.add_(*bias);
 }
 
@@ -228,10 +243,11 @@ void add_epilogue(at::Tensor& out, const std::optional<at::Tensor>& lora_left,
 template <typename Dequantize>
 at::Tensor dequant_gemm(const at::Tensor& x, const MatmulCall& c, const at::Tensor& buffer, Dequantize&& dequantize,
                         const std::optional<at::Tensor>& lora_left, const std::optional<at::Tensor>& lora_right,
-                        double lora_scaling, const std::optional<at::Tensor>& bias) {
+                        double lora_scaling, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& out_scale) {
   dequantize(buffer);
   at::Tensor out = c.transpose ? at::mm(x, buffer) : at::mm(x, buffer.t());
-  add_epilogue(out, lora_left, lora_right, lora_scaling, bias);
+  add_epilogue(out, lora_left, lora_right, lora_scaling, bias, out_scale);
   return out;
 }
 
@@ -281,9 +297,10 @@ at::Tensor cpu_scratch(int64_t rows, int64_t cols, at::ScalarType dtype) {
 at::Tensor nf4_matmul_cpu(const at::Tensor& x, const WeightList& weight, int64_t blocksize, int64_t rows, int64_t cols,
                           bool transpose, const std::optional<at::Tensor>& lora_left,
                           const std::optional<at::Tensor>& lora_right, double lora_scaling,
-                          const std::optional<at::Tensor>& bias, c10::string_view route) {
-  const MatmulCall c =
-      check_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, route);
+                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale,
+                          c10::string_view route) {
+  const MatmulCall c = check_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling,
+                                    bias, out_scale, route);
   const auto dtype = x.scalar_type();
   if (c.M == 0) return at::empty({0, c.N}, x.options());
   if (c.route == Route::kFused) {
@@ -294,7 +311,8 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const WeightList& weight, int64_t
   const auto dequantize = [&](const at::Tensor& buffer) {
     cpu::dequantize_nf4(c.w.packed, c.w.scales, blocksize, rows * cols, buffer.data_ptr(), to_dtype(dtype));
   };
-  return dequant_gemm(x, c, cpu_scratch(rows, cols, dtype), dequantize, lora_left, lora_right, lora_scaling, bias);
+  return dequant_gemm(x, c, cpu_scratch(rows, cols, dtype), dequantize, lora_left, lora_right, lora_scaling, bias,
+                      out_scale);
 }
 
 std::string isa_name(cpu::Isa isa) {
@@ -349,10 +367,11 @@ at::Tensor dequantize_nf4_cuda(const WeightList& weight, int64_t blocksize, int6
 at::Tensor nf4_matmul_cuda(const at::Tensor& x, const WeightList& weight, int64_t blocksize, int64_t rows,
                            int64_t cols, bool transpose, const std::optional<at::Tensor>& lora_left,
                            const std::optional<at::Tensor>& lora_right, double lora_scaling,
-                           const std::optional<at::Tensor>& bias, c10::string_view route) {
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale,
+                           c10::string_view route) {
   LK_DEVICE_GUARD(x.device());
-  const MatmulCall c =
-      check_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, route);
+  const MatmulCall c = check_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling,
+                                    bias, out_scale, route);
   if (c.M == 0) return at::empty({0, c.N}, x.options());
   const auto dtype = x.scalar_type();
   const auto stream = LK_CURRENT_STREAM();
@@ -376,7 +395,7 @@ at::Tensor nf4_matmul_cuda(const at::Tensor& x, const WeightList& weight, int64_
   };
   // The buffer comes from the caching allocator, so it is reused from call to call.
   return dequant_gemm(x, c, at::empty({rows, cols}, x.options()), dequantize, lora_left, lora_right, lora_scaling,
-                      bias);
+                      bias, out_scale);
 }
 #endif  // LK_CUDA_GLUE
 

@@ -13,14 +13,20 @@ nested_code, offset] (`NF4Weight.tensors`; the last three None for plain fp32 sc
     double_quantize(absmax fp32 [nblocks], code fp32 [256]) -> codes uint8 [nblocks],
         nested_absmax fp32 [ceil(nblocks/256)], offset fp32 []      (code: the 8-bit map, stored as nested_code)
     dequantize_nf4(weight, blocksize, numel, dtype) -> [numel] in dtype
-    nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, route)
+    nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale,
+               route)
         W is [rows, cols] = [out_features, in_features].
-        transpose=False: x [M, cols] -> [M, rows] = x . deq(W)^T + lora_scaling * lora_left . lora_right^T + bias
-        transpose=True:  x [M, rows] -> [M, cols] = x . deq(W)   + (the same epilogue)
-        lora_left [M, r], lora_right [N, r] (N = the output width), bias [N]; route "fused" or "dequant_gemm".
+        transpose=False: x [M, cols] -> [M, rows] = out_scale * (x . deq(W)^T + lora_scaling * lora_left . lora_right^T)
+                                                   + bias
+        transpose=True:  x [M, rows] -> [M, cols] = (the same, with x . deq(W))
+        lora_left [M, r], lora_right [N, r] (N = the output width), bias [N], out_scale fp32 [N] (DoRA's
+        magnitude over the row norm; broadcast over rows, applied in fp32 before the one rounding);
+        route "fused" or "dequant_gemm".
     qlora_linear(x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, bias) -> (y, xa)
         the QLoRA layer with autograd; see `qlora_linear` below.
     qlora_linear_dx(dy, weight, blocksize, out_features, in_features, g, lora_A) -> dx, its input gradient.
+    dora_linear(x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, bias, magnitude,
+                weight_sq_norm) -> (y, xa, u, norm): the DoRA layer with autograd; see `dora_linear` below.
 
 Inputs are validated once, by the public functions in `api.py`; kernels assume valid input and
 refuse only what no caller should send.
@@ -37,7 +43,7 @@ SCHEMAS = {
     "double_quantize": "(Tensor absmax, Tensor code) -> (Tensor codes, Tensor nested_absmax, Tensor offset)",
     "dequantize_nf4": "(Tensor?[] weight, int blocksize, int numel, ScalarType dtype) -> Tensor",
     "nf4_matmul": "(Tensor x, Tensor?[] weight, int blocksize, int rows, int cols, bool transpose, Tensor? lora_left, "
-                  "Tensor? lora_right, float lora_scaling, Tensor? bias, str route) -> Tensor",
+                  "Tensor? lora_right, float lora_scaling, Tensor? bias, Tensor? out_scale, str route) -> Tensor",
 }
 _lib = torch.library.Library("lora_kernels", "FRAGMENT")
 for _name, _schema in SCHEMAS.items():
@@ -70,7 +76,7 @@ def _(weight, blocksize, numel, dtype):
 
 
 @torch.library.register_fake("lora_kernels::nf4_matmul", lib=_lib)
-def _(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, route):
+def _(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale, route):
     return x.new_empty((x.shape[0], cols if transpose else rows))
 
 
@@ -82,12 +88,12 @@ dequantize_nf4 = torch.ops.lora_kernels.dequantize_nf4.default
 
 
 def nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left=None, lora_right=None, lora_scaling=0.0,
-               bias=None) -> torch.Tensor:
+               bias=None, out_scale=None) -> torch.Tensor:
     """One NF4 matmul (see the module docstring), on the route routes.py picks for exactly these
     inputs. x: contiguous [M, K], validated by the caller."""
     route = routes.route_for(x, weight, blocksize, rows, cols, transpose)
     return torch.ops.lora_kernels.nf4_matmul.default(
-        x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, route
+        x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale, route
     )
 
 
@@ -193,6 +199,180 @@ def _qlora_backward(ctx, dy, _dxa):
 
 
 qlora_linear.register_autograd(_qlora_backward, setup_context=_qlora_setup_context)
+
+
+# ---- the DoRA layer with autograd (QDoRA: DoRA on the NF4 base) ---------------------------------
+# DoRA (arXiv 2402.09353) scales each output column of the LoRA layer by s = m / ||W + c.B.A||_row,
+# the norm a constant for autograd (the paper's section 4.3; PEFT detaches it too). The norm is
+# never taken on a dense [out, in] tensor; per output row i,
+#     ||W_i + c.(B.A)_i||^2 = ||W_i||^2 + 2c.(W.A^T)_i . B_i + c^2 . B_i (A.A^T) B_i^T
+# where ||W_i||^2 is the frozen base's (computed once, `weight_sq_norm`), W.A^T [out, r] is an NF4
+# matmul with A as its input (in training, r extra rows of the layer's own matmul), and A.A^T is r x r.
+def dora_norm(weight_sq_norm, wa, lora_A, lora_B, scaling, dtype):
+    """||W + scaling.B.A|| per output row, [out] in `dtype` (the magnitude's, as PEFT returns it).
+    weight_sq_norm: fp32 [out]; wa: W.A^T as [r, out] (the NF4 matmul's output, any float dtype).
+
+    A zero norm (a zero row of W + c.B.A) is clamped to the dtype's smallest normal number: PEFT
+    divides by it and its whole output column turns NaN; here the column is m / tiny times a zero
+    direction, so the layer's output stays finite."""
+    b = lora_B.float()
+    a = lora_A.float()
+    cross = (wa.float().t() * b).sum(1)
+    quadratic = ((b @ (a @ a.t())) * b).sum(1)
+    squared = weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quadratic
+    # The expansion can round a zero norm to a tiny negative square.
+    return squared.clamp_min(0.0).sqrt().to(dtype).clamp_min(torch.finfo(dtype).tiny)
+
+
+def dora_weight_a(weight, blocksize, out_features, lora_A, dtype):
+    """W.A^T as [r, out] in `dtype`: the NF4 matmul with A's r rows as its input."""
+    a = lora_A.to(dtype).contiguous()
+    return nf4_matmul(a, weight, blocksize, out_features, a.shape[1], False)
+
+
+def dora_forward(x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, bias, magnitude,
+                 weight_sq_norm):
+    """The DoRA layer's training forward without autograd (the arguments of `dora_linear`). One NF4
+    matmul takes x, the dropped-out x (with dropout) and A's rows together, so W is read or
+    dequantized once for the layer's output and for its norm. The scale m / norm is known only once
+    that matmul ends, so it is applied after it, on the unscaled output u that the backward of m
+    needs anyway (PEFT keeps the same [M, out] tensor)."""
+    M, rank = x.shape[0], lora_A.shape[0]
+    a_rows = lora_A.to(x.dtype)
+    if lora_input is None:
+        xa = (x.to(lora_A.dtype) @ lora_A.t()).to(lora_A.dtype)
+        # The LoRA term rides in the epilogue of x's rows; A's rows get none (zero left factors).
+        left = torch.cat([xa, xa.new_zeros(rank, rank)])
+        out = nf4_matmul(torch.cat([x, a_rows]), weight, blocksize, out_features, x.shape[1], False, left, lora_B,
+                         scaling)
+        u, wa = out[:M], out[M:]
+        norm = dora_norm(weight_sq_norm, wa, lora_A, lora_B, scaling, magnitude.dtype)
+        return scale_columns(u, magnitude / norm, bias), xa, u, norm
+    # Train mode with dropout, PEFT's form: y = x.W^T + bias + (s - 1).(x_d.W^T) + s.c.x_d.A^T.B^T
+    xa = (lora_input.to(lora_A.dtype) @ lora_A.t()).to(lora_A.dtype)
+    out = nf4_matmul(torch.cat([x, lora_input.to(x.dtype), a_rows]), weight, blocksize, out_features, x.shape[1],
+                     False)
+    base_x, base_d, wa = out[:M], out[M:2 * M], out[2 * M:]
+    norm = dora_norm(weight_sq_norm, wa, lora_A, lora_B, scaling, magnitude.dtype)
+    mag_scale = (magnitude / norm).float()
+    lora = (xa @ lora_B.t()).float() * scaling
+    u = base_d.float() + lora
+    y = base_x.float() + (mag_scale - 1.0) * base_d.float() + mag_scale * lora
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype), xa, u.to(x.dtype), norm
+
+
+def scale_columns(t, scale, bias=None):
+    """t * scale + bias, per column: t [M, N] in its dtype, scale [N] fp32 (or the adapters' dtype).
+
+    A 16-bit t is multiplied by the scale's two 16-bit halves, hi = scale rounded to t's dtype and
+    lo = the rest, so the scale keeps 16 significant bits (DoRA's scale is near 1 and its learned
+    part a small deviation, which the 8 bits of a bf16 scale would erase) with two passes in t's
+    dtype: no fp32 [M, N] temporary, which costs more here than the arithmetic (a fresh 8 MiB
+    buffer page-faults; mixed-dtype elementwise kernels are not vectorized). Each pass rounds once:
+    within one unit in the last place of the result."""
+    if t.dtype == torch.float32:
+        scale = scale.float()
+        return t * scale if bias is None else torch.addcmul(bias.float(), t, scale)
+    hi = scale.to(t.dtype)
+    lo = (scale.float() - hi.float()).to(t.dtype)
+    out = t * hi if bias is None else torch.addcmul(bias.to(t.dtype), t, hi)
+    return out.addcmul_(t, lo)
+
+
+def dora_forward_scaled(x, weight, blocksize, out_features, lora_A, lora_B, scaling, bias, mag_scale):
+    """The DoRA layer with its scale m / norm known (eval, no gradient): one NF4 matmul whose
+    epilogue applies the scale beside the LoRA term and the bias. mag_scale: [out]."""
+    xa = (x.to(lora_A.dtype) @ lora_A.t()).to(lora_A.dtype)
+    return nf4_matmul(x, weight, blocksize, out_features, x.shape[1], False, xa, lora_B, scaling, bias,
+                      out_scale=mag_scale.float().contiguous())
+
+
+@torch.library.custom_op("lora_kernels::dora_linear", mutates_args=())
+def dora_linear(
+    x: torch.Tensor,
+    lora_input: torch.Tensor | None,
+    weight: list[torch.Tensor | None],
+    blocksize: int,
+    out_features: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None,
+    magnitude: torch.Tensor,
+    weight_sq_norm: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DoRA layer (reference.dora_linear): x [M, in] contiguous; magnitude m [out];
+    weight_sq_norm: ||W_i||^2 of the dequantized base in x's dtype, fp32 [out]. Returns (y [M, out],
+    xa [M, r], u [M, out] the unscaled output, norm [out] in m's dtype), the last three for the backward."""
+    return dora_forward(x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, bias, magnitude,
+                        weight_sq_norm)
+
+
+@dora_linear.register_fake
+def _(x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, bias, magnitude, weight_sq_norm):
+    M = x.shape[0]
+    return (x.new_empty((M, out_features)), x.new_empty((M, lora_A.shape[0]), dtype=lora_A.dtype),
+            x.new_empty((M, out_features)), magnitude.new_empty((out_features,)))
+
+
+_NEEDS_MAGNITUDE = 9
+
+
+def _dora_setup_context(ctx, inputs, output):
+    x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, bias, magnitude, _ = inputs
+    _, xa, u, norm = output
+    branch = lora_input if lora_input is not None else x
+    ctx.save_for_backward(*weight, lora_A, lora_B, xa, branch if lora_A.requires_grad else None,
+                          u if magnitude.requires_grad else None, norm, magnitude)
+    ctx.weight_len = len(weight)
+    ctx.no_weight_grad = None if any(t is None for t in weight) else [None] * len(weight)
+    ctx.blocksize, ctx.out_features, ctx.in_features, ctx.scaling = blocksize, out_features, x.shape[1], scaling
+    ctx.lora_on_x = lora_input is None
+    ctx.lora_input_dtype = None if lora_input is None else lora_input.dtype
+
+
+def _dora_backward(ctx, dy, _dxa, _du, _dnorm):
+    saved = ctx.saved_tensors
+    weight = list(saved[: ctx.weight_len])
+    lora_A, lora_B, xa, branch, u, norm, magnitude = saved[ctx.weight_len:]
+    needs = ctx.needs_input_grad
+    dy = dy.contiguous()
+    M = dy.shape[0]
+    # Every term but the magnitude's sees dy scaled per output column by s = m / norm: for the LoRA
+    # gradients s goes on the rank-sized side (the rows of B, of dy^T . xa), for dx on dy itself.
+    mag_scale = magnitude / norm
+    dy_lora = dy.to(lora_B.dtype)
+    g = (dy_lora @ (lora_B * mag_scale.to(lora_B.dtype)[:, None])) * ctx.scaling  # [M, r] = scaling (dy . s) . B
+    dx = d_lora_input = d_a = d_b = d_m = d_bias = None
+    if ctx.lora_on_x:
+        if needs[_NEEDS_X]:
+            dx = qlora_linear_dx(scale_columns(dy, mag_scale), weight, ctx.blocksize, ctx.out_features,
+                                 ctx.in_features, g, lora_A)
+    elif needs[_NEEDS_X] or needs[_NEEDS_LORA_INPUT]:
+        # x takes dy . W, the dropped-out x takes (dy . (s - 1)) . W + g . A: one transposed matmul on
+        # both, the LoRA term in the epilogue of the second half only.
+        dy_d = scale_columns(dy, mag_scale.float() - 1.0)
+        both = qlora_linear_dx(torch.cat([dy, dy_d]), weight, ctx.blocksize, ctx.out_features, ctx.in_features,
+                               torch.cat([torch.zeros_like(g), g]), lora_A)
+        dx, d_lora_input = both[:M], both[M:].to(ctx.lora_input_dtype)
+    if needs[_NEEDS_A]:
+        d_a = g.t() @ branch.to(lora_A.dtype)
+    if needs[_NEEDS_B]:
+        d_b = (dy_lora.t() @ xa) * (mag_scale.to(lora_B.dtype)[:, None] * ctx.scaling)
+    if needs[_NEEDS_MAGNITUDE]:  # sum_i dy[i, n] . u[i, n] / norm[n]
+        # In fp16 the products could overflow: fp32 there. bf16 has fp32's range; its products are
+        # rounded to bf16 (2^-9 each, as u itself is) and summed in fp32.
+        wide = dy.dtype == torch.float16
+        d_m = torch.linalg.vecdot(dy.float() if wide else dy, u.float() if wide else u, dim=0)
+        d_m = (d_m.float() / norm.float()).to(magnitude.dtype)
+    if needs[_NEEDS_BIAS]:
+        d_bias = dy.sum(0)
+    return dx, d_lora_input, ctx.no_weight_grad, None, None, d_a, d_b, None, d_bias, d_m, None
+
+
+dora_linear.register_autograd(_dora_backward, setup_context=_dora_setup_context)
 
 # Below the ops: the route owner, which loads the extension and registers every backend's kernels.
 from . import routes  # noqa: E402

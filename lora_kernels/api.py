@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _ops, reference
@@ -89,6 +91,113 @@ def qlora_linear(
     """
     out_features, in_features = _check_qlora_args(x, qweight, lora_A, lora_B, bias)
     lead = x.shape[:-1]
+    x2, lora_input, lora_A, lora_B, bias = _layer_inputs(x, in_features, lora_A, lora_B, bias, dropout_p, training,
+                                                         lora_input)
+    # Under torch.compile the op stays one opaque node, and its route is chosen when it runs.
+    forward = _ops.qlora_linear if _wants_grad(x, lora_A, lora_B, bias, lora_input) or torch.compiler.is_compiling() \
+        else _ops.qlora_forward
+    y, _ = forward(x2, lora_input, qweight.tensors, qweight.blocksize, out_features, lora_A, lora_B,
+                   float(scaling), bias)
+    return y.view(*lead, out_features)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    qweight: NF4Weight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    lora_input: torch.Tensor | None = None,
+    *,
+    weight_sq_norm: torch.Tensor | None = None,
+    mag_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The DoRA layer on an NF4 base (QDoRA), with autograd; no [out, in] tensor is ever made.
+
+        y = s * (x . deq(W)^T + scaling * x . A^T . B^T) + bias,  s = m / ||deq(W) + scaling * B . A||_row
+
+    the norm a constant for autograd (the DoRA paper's section 4.3, as PEFT). Arguments as in
+    `qlora_linear`, plus magnitude: m [out] (a floating dtype; the norm and s come in it, as PEFT's).
+    With dropout (train mode, dropout_p > 0) or lora_input, PEFT's form: the magnitude's correction
+    and the LoRA term are taken on the dropped-out x (see reference.dora_linear).
+    weight_sq_norm: ||deq(W)_i||^2 in x's dtype, fp32 [out] (`weight_row_sq_norms`); computed here,
+    one dequantization of W, when not given: a layer keeps it. mag_scale: s itself [out], when the
+    caller has it (an eval layer's cache); only without gradients, and it must be s of these very
+    tensors. The gradient of m, A, B, x and bias match PEFT's DoRA; W gets none.
+    """
+    out_features, in_features = _check_qlora_args(x, qweight, lora_A, lora_B, bias)
+    _check_vector(magnitude, "magnitude", out_features, x.device, floating=True)
+    lead = x.shape[:-1]
+    x2, lora_input, lora_A, lora_B, bias = _layer_inputs(x, in_features, lora_A, lora_B, bias, dropout_p, training,
+                                                         lora_input)
+    wants_grad = _wants_grad(x, lora_A, lora_B, bias, lora_input) or (torch.is_grad_enabled() and
+                                                                      magnitude.requires_grad)
+    if mag_scale is not None:
+        if wants_grad:
+            raise ValueError("mag_scale is a cached scale for inference; with gradients wanted the layer computes it")
+        _check_vector(mag_scale, "mag_scale", out_features, x.device, floating=True)
+    if lora_input is None and not wants_grad and not torch.compiler.is_compiling():
+        if mag_scale is None:
+            mag_scale = magnitude / dora_weight_norm(qweight, lora_A, lora_B, scaling, dtype=x.dtype,
+                                                     out_dtype=magnitude.dtype, weight_sq_norm=weight_sq_norm)
+        y = _ops.dora_forward_scaled(x2, qweight.tensors, qweight.blocksize, out_features, lora_A, lora_B,
+                                     float(scaling), bias, mag_scale)
+        return y.view(*lead, out_features)
+    if weight_sq_norm is None:
+        weight_sq_norm = weight_row_sq_norms(qweight, x.dtype)
+    _check_vector(weight_sq_norm, "weight_sq_norm", out_features, x.device, dtype=torch.float32)
+    forward = _ops.dora_linear if wants_grad or torch.compiler.is_compiling() else _ops.dora_forward
+    y = forward(x2, lora_input, qweight.tensors, qweight.blocksize, out_features, lora_A, lora_B, float(scaling), bias,
+                magnitude, weight_sq_norm)[0]
+    return y.view(*lead, out_features)
+
+
+def dora_weight_norm(qweight: NF4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *,
+                     dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None,
+                     weight_sq_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """||deq(W) + scaling * B . A|| of each output row, [out] in out_dtype (default: the factors'),
+    with W dequantized in `dtype` (the compute dtype), no gradient: one thin NF4 matmul (A's r rows)
+    and rank-sized work, no [out, in] tensor. weight_sq_norm: `weight_row_sq_norms(qweight, dtype)`."""
+    with torch.no_grad():
+        if weight_sq_norm is None:
+            weight_sq_norm = weight_row_sq_norms(qweight, dtype)
+        wa = _ops.dora_weight_a(qweight.tensors, qweight.blocksize, qweight.shape[0], lora_A, dtype)
+        return _ops.dora_norm(weight_sq_norm, wa, lora_A, lora_B, float(scaling), out_dtype or lora_A.dtype)
+
+
+# Elements dequantized at a time by weight_row_sq_norms: 16 MiB of fp32.
+_ROW_NORM_CHUNK = 1 << 22
+
+
+def weight_row_sq_norms(qweight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """||deq(W)_i||^2 for each row of a 2-D NF4 weight, with W dequantized in `dtype` as the matmul
+    kernels round it: fp32 [rows]. Dequantized a few rows at a time (about 16 MiB), never whole."""
+    rows, cols = qweight.shape
+    scales = qweight.block_scales()  # fp32 [nblocks]: a chunk needs only its own blocks' scales
+    # A chunk starts on a block boundary and on a byte (an even element): its rows are a multiple of
+    # blocksize / gcd(cols, blocksize) (the blocksize is even, so the byte follows).
+    step = qweight.blocksize // math.gcd(cols, qweight.blocksize)
+    chunk_rows = max(step, _ROW_NORM_CHUNK // max(cols, 1) // step * step)
+    out = torch.empty(rows, dtype=torch.float32, device=qweight.device)
+    for first in range(0, rows, chunk_rows):
+        last = min(rows, first + chunk_rows)
+        start, numel = first * cols, (last - first) * cols
+        block0 = start // qweight.blocksize
+        nblocks = -(-numel // qweight.blocksize)
+        part = [qweight.packed[start // 2: (start + numel + 1) // 2], scales[block0: block0 + nblocks], None, None,
+                None]
+        w = _ops.dequantize_nf4(part, qweight.blocksize, numel, dtype).view(last - first, cols).float()
+        out[first:last] = (w * w).sum(1)
+    return out
+
+
+def _layer_inputs(x, in_features, lora_A, lora_B, bias, dropout_p, training, lora_input):
+    """x as a contiguous [M, in], the LoRA branch's input (lora_input, or dropout(x) in training, or
+    None), the factors and the bias as the kernels read them."""
     x2 = x.reshape(-1, in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
@@ -105,18 +214,30 @@ def qlora_linear(
     lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    wants_grad = torch.is_grad_enabled() and (
+    return x2, lora_input, lora_A, lora_B, bias
+
+
+def _wants_grad(x, lora_A, lora_B, bias, lora_input) -> bool:
+    return torch.is_grad_enabled() and (
         x.requires_grad
         or lora_A.requires_grad
         or lora_B.requires_grad
         or (bias is not None and bias.requires_grad)
         or (lora_input is not None and lora_input.requires_grad)
     )
-    # Under torch.compile the op stays one opaque node, and its route is chosen when it runs.
-    forward = _ops.qlora_linear if wants_grad or torch.compiler.is_compiling() else _ops.qlora_forward
-    y, _ = forward(x2, lora_input, qweight.tensors, qweight.blocksize, out_features, lora_A, lora_B,
-                   float(scaling), bias)
-    return y.view(*lead, out_features)
+
+
+def _check_vector(t, name: str, length: int, device, *, floating: bool = False, dtype=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != (length,):
+        raise ValueError(f"{name} must be [{length}] (one value an output feature), got shape {tuple(t.shape)}")
+    if floating and t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} must be bfloat16, float16 or float32, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
 
 
 _FP64_HINT = (" (float64 is not supported: the kernels compute in bf16, fp16 or fp32; a layer moved with "

@@ -25,6 +25,7 @@ from torch import nn
 
 from .modules import (
     LORA_KEYWORDS,
+    MAGNITUDE_KEY,
     PEFT_PREFIX,
     QLoRALinear,
     _build_each,
@@ -57,7 +58,8 @@ def _number(x: float):
 def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
                       task_type: str | None = None) -> None:
     """Write the model's LoRA adapters as PEFT's `save_pretrained` does: `adapter_model.safetensors`
-    (keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`) and `adapter_config.json`
+    (keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, and with DoRA
+    `.lora_magnitude_vector`) and `adapter_config.json`
     (peft_type LORA; target_modules lists the swapped layers by full name; a layer whose r or lora_alpha
     differs from the most common one goes in rank_pattern / alpha_pattern). Load it with
     `peft.PeftModel.from_pretrained(base_model, directory)` or `load_peft_adapter`.
@@ -67,7 +69,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mo
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no QLoRALinear layers; swap it with replace_linear or from_bnb_model first")
-    for attr in ("use_rslora", "lora_dropout"):
+    for attr in ("use_rslora", "lora_dropout", "use_dora"):
         values = {getattr(layer, attr) for layer in layers.values()}
         if len(values) > 1:
             raise ValueError(f"PEFT's config has one {attr} for all layers; the model's layers have {sorted(values)}")
@@ -96,7 +98,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mo
         "rank_pattern": {name: layer.r for name, layer in layers.items() if layer.r != r},
         "alpha_pattern": {name: _number(layer.lora_alpha) for name, layer in layers.items()
                           if layer.lora_alpha != alpha},
-        "use_dora": False,
+        "use_dora": any_layer.use_dora,
         "lora_bias": False,
         "layer_replication": None,
     }
@@ -118,10 +120,11 @@ def _pattern_value(pattern: list[tuple[re.Pattern, str, object]], name: str, def
 
 def _lora_settings(config: dict, config_path: str) -> dict:
     """The config's LoRA values, every one checked (types and ranges, the patterns' keys compiled as PEFT
-    compiles them): {r, lora_alpha, use_rslora, lora_dropout, rank_pattern, alpha_pattern}. A ValueError
-    names the file and each key that does not fit."""
+    compiles them): {r, lora_alpha, use_rslora, use_dora, lora_dropout, rank_pattern, alpha_pattern}. A
+    ValueError names the file and each key that does not fit."""
     settings = {"r": config.get("r", 8), "lora_alpha": config.get("lora_alpha", 8),
-                "use_rslora": config.get("use_rslora", False), "lora_dropout": config.get("lora_dropout", 0.0)}
+                "use_rslora": config.get("use_rslora", False), "lora_dropout": config.get("lora_dropout", 0.0),
+                "use_dora": config.get("use_dora") or False}
     problems = _lora_config_problems(**settings)  # each message names its key
     for key, value_key in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
         pattern = config.get(key) or {}
@@ -146,7 +149,6 @@ def _lora_settings(config: dict, config_path: str) -> dict:
 
 
 _UNSUPPORTED = {
-    "use_dora": (False, None),
     "fan_in_fan_out": (False, None),
     "bias": ("none", None),
     "modules_to_save": (None, [], ()),
@@ -195,9 +197,10 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progres
 
     The layers adapted are the ones the file holds tensors for (the layers the config's target_modules
     matched when it was saved). A layer that is still an nn.Linear becomes a QLoRALinear with the config's
-    r (rank_pattern), lora_alpha (alpha_pattern), use_rslora and lora_dropout; lora_kwargs adds
+    r (rank_pattern), lora_alpha (alpha_pattern), use_rslora, use_dora and lora_dropout; lora_kwargs adds
     QLoRALinear's other keywords (compute_dtype, blocksize, double_quant, lora_dtype). A layer already a
-    QLoRALinear must have the config's r, lora_alpha and use_rslora (it keeps its own lora_dropout).
+    QLoRALinear must have the config's r, lora_alpha, use_rslora and use_dora (it keeps its own
+    lora_dropout). A DoRA adapter (use_dora: true) must hold each layer's lora_magnitude_vector [out].
     Checked first, changed after: the JSON, every config value (types and ranges, the patterns' keys
     compiled), every tensor, and every new layer (quantized before any is swapped in); on a problem a
     ValueError names the file, module and key of each one and the model is exactly as it was. Then the
@@ -205,17 +208,23 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progres
     their requires_grad, so earlier adapters still train), and the tensors copied. Returns the names swapped.
     """
     config, settings, tensors = _read_adapter(directory)
-    for key in ("r", "lora_alpha", "use_rslora", "lora_dropout"):
+    for key in ("r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout"):
         if key in lora_kwargs:
             raise TypeError(f"load_peft_adapter takes {key} from {ADAPTER_CONFIG}, not as a keyword")
     _check_lora_kwargs(lora_kwargs, "load_peft_adapter")
-    use_rslora, dropout = settings["use_rslora"], settings["lora_dropout"]
+    use_rslora, use_dora, dropout = settings["use_rslora"], settings["use_dora"], settings["lora_dropout"]
+    kinds = ("lora_A", "lora_B", MAGNITUDE_KEY) if use_dora else ("lora_A", "lora_B")
 
     problems, factors = [], {}
     for key, t in tensors.items():
-        match = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+        match = (re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+                 or re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.({MAGNITUDE_KEY})(?:\.[^.]+\.weight)?", key))
         if match is None:
-            problems.append(f"{key}: not a LoRA factor (expected {PEFT_PREFIX}<module>.lora_A.weight / lora_B.weight)")
+            problems.append(f"{key}: not a LoRA factor (expected {PEFT_PREFIX}<module>.lora_A.weight / lora_B.weight"
+                            f"{f' / {MAGNITUDE_KEY}' if use_dora else ''})")
+            continue
+        if match.group(2) == MAGNITUDE_KEY and not use_dora:
+            problems.append(f"{key}: a DoRA magnitude, but {ADAPTER_CONFIG} has use_dora false")
             continue
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             what = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
@@ -225,8 +234,9 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progres
     modules = dict(model.named_modules())
     chosen = []
     for name, pair in factors.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            problems.append(f"{name}: the file has {sorted(pair)} but not both lora_A and lora_B")
+        if set(pair) != set(kinds):
+            problems.append(f"{name}: the file has {sorted(pair)}; a{' DoRA' if use_dora else ''} layer needs "
+                            f"{', '.join(kinds)}")
             continue
         r = _pattern_value(settings["rank_pattern"], name, settings["r"])
         alpha = _pattern_value(settings["alpha_pattern"], name, settings["lora_alpha"])
@@ -243,13 +253,19 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progres
             problems.append(f"{name}: lora_A {a_shape} and lora_B {b_shape}, the layer and r={r} need "
                             f"{want_a} and {want_b}")
             continue
+        if use_dora and tuple(pair[MAGNITUDE_KEY].shape) != (module.out_features,):
+            problems.append(f"{name}: {MAGNITUDE_KEY} {tuple(pair[MAGNITUDE_KEY].shape)}, the layer needs "
+                            f"({module.out_features},), one value an output feature")
+            continue
         if isinstance(module, QLoRALinear):
-            if (module.r, float(module.lora_alpha), module.use_rslora) != (r, float(alpha), use_rslora):
+            have = (module.r, float(module.lora_alpha), module.use_rslora, module.use_dora)
+            if have != (r, float(alpha), use_rslora, use_dora):
                 problems.append(f"{name}: the layer has r={module.r}, lora_alpha={module.lora_alpha}, use_rslora="
-                                f"{module.use_rslora}; the adapter r={r}, lora_alpha={alpha}, use_rslora={use_rslora}")
+                                f"{module.use_rslora}, use_dora={module.use_dora}; the adapter r={r}, lora_alpha="
+                                f"{alpha}, use_rslora={use_rslora}, use_dora={use_dora}")
         else:
             chosen.append((name, module, dict(lora_kwargs, r=r, lora_alpha=alpha, use_rslora=use_rslora,
-                                              lora_dropout=dropout)))
+                                              use_dora=use_dora, lora_dropout=dropout)))
     missing = [name for name in lora_layers(model) if name not in factors]
     if missing:
         problems.append(f"the model's QLoRALinear layers {missing} have no tensors in the adapter")

@@ -1,9 +1,10 @@
 """QLoRALinear, the drop-in layer, and replace_linear, the one-call swap of a model's nn.Linear layers.
 
 A QLoRALinear holds a frozen NF4 base weight W [out, in] (as buffers, so `.to(device)` moves it and
-never casts it), the trainable LoRA factors lora_A [r, in] and lora_B [out, r], and an optional
-bias [out]. Its state dict keeps the base in bitsandbytes' `Linear4bit` layout (`weight`,
-`weight.absmax`, `weight.quant_state.bitsandbytes__nf4`, ...) beside `lora_A`, `lora_B` and `bias`.
+never casts it), the trainable LoRA factors lora_A [r, in] and lora_B [out, r], with use_dora=True
+DoRA's trainable magnitude lora_magnitude_vector [out], and an optional bias [out]. Its state dict
+keeps the base in bitsandbytes' `Linear4bit` layout (`weight`, `weight.absmax`,
+`weight.quant_state.bitsandbytes__nf4`, ...) beside `lora_A`, `lora_B`, `lora_magnitude_vector` and `bias`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from . import _compat
-from .api import SUPPORTED_DTYPES, qlora_linear, quantize_nf4
+from .api import SUPPORTED_DTYPES, dora_linear, dora_weight_norm, qlora_linear, quantize_nf4, weight_row_sq_norms
 from .nf4 import NF4Weight
 
 # The packed bytes are a frozen uint8 parameter, so FSDP2's fully_shard shards them (each rank holds
@@ -36,6 +38,8 @@ class _FrozenBytes(nn.Parameter):
     call `model.requires_grad_(True)` before fully_shard, or set it on the floating-point ones."""
 
     def __new__(cls, data=None, requires_grad=False):
+        if isinstance(data, nn.Parameter):  # another layer's bytes (its qweight): the same storage
+            data = data.data
         return super().__new__(cls, data, requires_grad=False)
 
     def requires_grad_(self, requires_grad: bool = True):
@@ -46,8 +50,27 @@ class _FrozenBytes(nn.Parameter):
         return (_FrozenBytes, (self.data,))
 
 
+def _version_key(*tensors) -> tuple:
+    """What identifies these tensors' current values: each tensor (weakly held: a cache must not keep
+    a moved layer's old tensors alive) and its version counter, which every in-place write bumps (an
+    optimizer step, load_state_dict, copy_). A write through `.data` bypasses the counter, as it
+    bypasses autograd's checks."""
+    return tuple((None, None) if t is None else (weakref.ref(t), t._version) for t in tensors)
+
+
+def _same_key(a, b) -> bool:
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(_same_key(x, y) for x, y in zip(a, b))
+    if isinstance(a, weakref.ref):
+        return isinstance(b, weakref.ref) and a() is not None and a() is b()
+    return a == b
+
+
 # Where PEFT's saved adapter keys put a module path: base_model.model.<path>.lora_A.weight
 PEFT_PREFIX = "base_model.model."
+# DoRA's magnitude in a PEFT adapter file: base_model.model.<path>.lora_magnitude_vector (peft 0.21's
+# save_pretrained drops the ".default.weight" its modules hold it under).
+MAGNITUDE_KEY = "lora_magnitude_vector"
 
 
 class QLoRALinear(nn.Module):
@@ -57,6 +80,12 @@ class QLoRALinear(nn.Module):
     it, and the result cast back to x's dtype, as bitsandbytes' Linear4bit does). scaling is
     lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora. A starts Kaiming-uniform and B at zero,
     so a fresh layer computes exactly the quantized base.
+
+    use_dora=True (QDoRA, PEFT's `use_dora`): y = m / ||deq(W) + scaling.B.A||_row * (x . deq(W)^T +
+    scaling . x . A^T . B^T) + bias, with the magnitude m = `lora_magnitude_vector` [out] trained beside
+    A and B and the norm a constant for autograd (api.dora_linear). m starts at the row norms of
+    deq(W) + scaling.B.A, as PEFT's, so a fresh layer still computes the quantized base. In eval mode
+    without gradients the scale m / norm is kept until m, A, B or the base change.
     """
 
     def __init__(
@@ -69,6 +98,7 @@ class QLoRALinear(nn.Module):
         lora_alpha: float = 32,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
+        use_dora: bool = False,
         blocksize: int | None = None,
         double_quant: bool | None = None,
         compute_dtype: torch.dtype = torch.bfloat16,
@@ -79,13 +109,14 @@ class QLoRALinear(nn.Module):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be positive, got {in_features} and {out_features}")
-        problems = _lora_config_problems(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+        problems = _lora_config_problems(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                                         use_dora=use_dora)
         if problems:
             raise ValueError("; ".join(problems))
         if compute_dtype not in SUPPORTED_DTYPES or lora_dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"compute_dtype and lora_dtype must be one of {SUPPORTED_DTYPES}")
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.r, self.lora_alpha, self.use_rslora, self.use_dora = r, lora_alpha, use_rslora, use_dora
         self.lora_dropout = lora_dropout
         self.compute_dtype = compute_dtype
         if _weight is None:
@@ -110,6 +141,57 @@ class QLoRALinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
         else:
             self.register_parameter("bias", None)
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=dev, dtype=lora_dtype))
+            self.reset_dora_magnitude()
+
+    # ---- DoRA ----------------------------------------------------------------------------------
+    def reset_dora_magnitude(self) -> None:
+        """m = ||deq(W) + scaling . B . A|| of each output row, in m's dtype (PEFT's initialisation),
+        so that the scale m / norm is 1. Computed without a dense [out, in] tensor."""
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.dora_weight_norm())
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """||deq(W) + scaling . B . A|| of each output row, [out] in the magnitude's dtype (no gradient)."""
+        return dora_weight_norm(self.qweight, self.lora_A.detach(), self.lora_B.detach(), self.scaling,
+                                dtype=self.compute_dtype, out_dtype=self.lora_magnitude_vector.dtype,
+                                weight_sq_norm=self.weight_sq_norm())
+
+    def weight_sq_norm(self) -> torch.Tensor:
+        """||deq(W)_i||^2 of each row of the frozen base, with W in the compute dtype: fp32 [out]. Computed
+        once (a dequantization a few rows at a time) and again only when the base changes (a new
+        weight, a device move, an in-place write to the bytes or scales, another compute dtype)."""
+        key = self._base_key()
+        cached = self.__dict__.get("_weight_sq_norm_cache")
+        if cached is not None and (torch.compiler.is_compiling() or _same_key(cached[0], key)):
+            return cached[1]
+        value = weight_row_sq_norms(self.qweight, self.compute_dtype)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_weight_sq_norm_cache"] = (key, value)
+        return value
+
+    def _base_key(self) -> tuple:
+        # The parameter object, not the tensor qweight hands out: under FSDP2 that is a fresh
+        # all-gathered tensor each step, while the bytes themselves do not change.
+        return _version_key(self._parameters[_NF4_PARAM], *(self._buffers[name] for name in _NF4_BUFFERS)), \
+            self.compute_dtype
+
+    def _eval_dora_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The cached scale m / norm, for an eval-mode call that computes no gradient; None otherwise."""
+        if self.training or torch.compiler.is_compiling():
+            return None
+        params = (self.lora_magnitude_vector, self.lora_A, self.lora_B)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)
+                                        or (self.bias is not None and self.bias.requires_grad)):
+            return None
+        key = (self._base_key(), _version_key(*params), self.scaling)
+        cached = self.__dict__.get("_dora_scale_cache")
+        if cached is None or not _same_key(cached[0], key):
+            magnitude = self.lora_magnitude_vector.detach()
+            cached = (key, magnitude / self.dora_weight_norm())
+            self.__dict__["_dora_scale_cache"] = cached
+        return cached[1]
 
     # ---- the base weight ----------------------------------------------------------------------
     def _set_weight(self, q: NF4Weight) -> None:
@@ -177,23 +259,21 @@ class QLoRALinear(nn.Module):
         in_dtype = x.dtype
         if in_dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
-        y = qlora_linear(
-            x,
-            self.qweight,
-            self.lora_A,
-            self.lora_B,
-            self.scaling,
-            self.bias,
-            dropout_p=self.lora_dropout,
-            training=self.training,
-        )
+        if self.use_dora:
+            y = dora_linear(x, self.qweight, self.lora_A, self.lora_B, self.scaling, self.lora_magnitude_vector,
+                            self.bias, dropout_p=self.lora_dropout, training=self.training,
+                            weight_sq_norm=self.weight_sq_norm(), mag_scale=self._eval_dora_scale(x))
+        else:
+            y = qlora_linear(x, self.qweight, self.lora_A, self.lora_B, self.scaling, self.bias,
+                             dropout_p=self.lora_dropout, training=self.training)
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
-            f"use_rslora={self.use_rslora}, compute_dtype={self.compute_dtype}, blocksize={self.blocksize}, "
+            f"use_rslora={self.use_rslora}, use_dora={self.use_dora}, compute_dtype={self.compute_dtype}, "
+            f"blocksize={self.blocksize}, "
             f"double_quant={self.double_quant}"
         )
 
@@ -277,18 +357,23 @@ class QLoRALinear(nn.Module):
 
     # ---- merging -------------------------------------------------------------------------------
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """deq(W) + scaling * B . A, [out, in], in dtype (default: the compute dtype). The sum is
-        formed in fp32 and rounded once."""
+        """deq(W) + scaling * B . A, [out, in], in dtype (default: the compute dtype); with DoRA,
+        m / ||deq(W) + scaling * B . A||_row * (deq(W) + scaling * B . A), the norm taken on that very
+        dense sum. Formed in fp32 and rounded once."""
         dtype = dtype or self.compute_dtype
         with torch.no_grad():
             base = self.qweight.dequantize(torch.float32)
             delta = self.lora_B.detach().float() @ self.lora_A.detach().float()
-            return (base + self.scaling * delta).to(dtype)
+            merged = base + self.scaling * delta
+            if self.use_dora:
+                norm = torch.linalg.vector_norm(merged, dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+                merged *= (self.lora_magnitude_vector.detach().float() / norm)[:, None]
+            return merged.to(dtype)
 
     def merge(self, requantize: bool = False):
-        """The adapted layer as a plain nn.Linear in the compute dtype holding deq(W) + s . B . A
-        (the NF4 base is not touched). With requantize=True, a new QLoRALinear whose base is that
-        merged weight re-quantized to NF4 and whose LoRA starts fresh; it carries
+        """The adapted layer as a plain nn.Linear in the compute dtype holding `merged_weight()` (the
+        NF4 base is not touched). With requantize=True, a new QLoRALinear whose base is that merged
+        weight re-quantized to NF4 and whose LoRA (and DoRA magnitude) starts fresh; it carries
         `.requantization_error`, the RMS and max absolute error the re-quantization added."""
         merged = self.merged_weight()
         if not requantize:
@@ -302,8 +387,8 @@ class QLoRALinear(nn.Module):
         q = quantize_nf4(merged, blocksize=self.blocksize, double_quant=self.double_quant)
         layer = QLoRALinear(
             self.in_features, self.out_features, bias=self.bias is not None, r=self.r, lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout, use_rslora=self.use_rslora, compute_dtype=self.compute_dtype,
-            lora_dtype=self.lora_A.dtype, _weight=q,
+            lora_dropout=self.lora_dropout, use_rslora=self.use_rslora, use_dora=self.use_dora,
+            compute_dtype=self.compute_dtype, lora_dtype=self.lora_A.dtype, _weight=q,
         )
         if self.bias is not None:
             with torch.no_grad():
@@ -364,13 +449,21 @@ class QLoRALinear(nn.Module):
 
     # ---- PEFT adapters -------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """PEFT's names for this layer's adapter: {'lora_A.weight': A, 'lora_B.weight': B}."""
-        return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
+        """PEFT's names for this layer's adapter: {'lora_A.weight': A, 'lora_B.weight': B} and, with
+        DoRA, 'lora_magnitude_vector': m (the key PEFT's save_pretrained writes)."""
+        tensors = {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
+        if self.use_dora:
+            tensors[MAGNITUDE_KEY] = self.lora_magnitude_vector.detach()
+        return tensors
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable adapter: lora_A, lora_B and, with DoRA, lora_magnitude_vector."""
+        return [self.lora_A, self.lora_B] + ([self.lora_magnitude_vector] if self.use_dora else [])
 
 
 # ---- checking a LoRA configuration --------------------------------------------------------------
 def _lora_config_problems(**values) -> list[str]:
-    """What is wrong with the given LoRA hyperparameters (r, lora_alpha, lora_dropout, use_rslora), one
+    """What is wrong with the given LoRA hyperparameters (r, lora_alpha, lora_dropout, use_rslora, use_dora), one
     message each; [] when all fit. Types are checked, not coerced: r = 4.9 or True is refused rather than
     read as 4 or 1, lora_alpha must be finite (NaN would make every output NaN), and a boolean must be a
     bool (the string "false" is truthy)."""
@@ -385,15 +478,15 @@ def _lora_config_problems(**values) -> list[str]:
         elif key == "lora_dropout":
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
                 problems.append(f"lora_dropout must be a number in [0, 1), got {value!r}")
-        elif key == "use_rslora":
+        elif key in ("use_rslora", "use_dora"):
             if not isinstance(value, bool):
-                problems.append(f"use_rslora must be True or False, got {value!r}")
+                problems.append(f"{key} must be True or False, got {value!r}")
     return problems
 
 
 # Keywords replace_linear / from_bnb_model pass on to each QLoRALinear; the rest of QLoRALinear's
 # arguments come from the layer being replaced.
-LORA_KEYWORDS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "blocksize", "double_quant", "compute_dtype",
+LORA_KEYWORDS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "blocksize", "double_quant", "compute_dtype",
                  "lora_dtype")
 _FROM_THE_LAYER = {
     "in_features": "the linear layer's in_features",
@@ -412,8 +505,8 @@ def _check_lora_kwargs(lora_kwargs: dict, caller: str, allowed=LORA_KEYWORDS) ->
         if key not in allowed:
             raise TypeError(f"{caller} got an unexpected keyword {key!r}; "
                             f"QLoRALinear's keywords here are {', '.join(allowed)}")
-    problems = _lora_config_problems(**{k: v for k, v in lora_kwargs.items() if k in ("r", "lora_alpha",
-                                                                                      "lora_dropout", "use_rslora")})
+    problems = _lora_config_problems(**{k: v for k, v in lora_kwargs.items()
+                                        if k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")})
     if problems:
         raise ValueError(f"{caller}: " + "; ".join(problems))
 
@@ -439,10 +532,11 @@ def _build_each(chosen: list[tuple[str, nn.Module, dict]], build, progress: bool
 
 
 def freeze_all_but_lora(model: nn.Module) -> None:
-    """requires_grad=False on every parameter of the model that is not a LoRA factor (lora_A / lora_B) of
-    a QLoRALinear. The LoRA factors are left as they are, so calling it again (a second replace_linear,
-    a second adapter group) never freezes adapters made earlier, and a factor frozen on purpose stays frozen."""
-    lora = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
+    """requires_grad=False on every parameter of the model that is not part of a QLoRALinear's adapter
+    (lora_A, lora_B, DoRA's lora_magnitude_vector). The adapters are left as they are, so calling it again
+    (a second replace_linear, a second adapter group) never freezes adapters made earlier, and a factor
+    frozen on purpose stays frozen."""
+    lora = {id(p) for layer in lora_layers(model).values() for p in layer.adapter_parameters()}
     for p in model.parameters():
         if id(p) not in lora:
             p.requires_grad_(False)
@@ -574,17 +668,25 @@ def _plan_adapter_load(layers: dict[str, QLoRALinear], state_dict: dict[str, tor
         name = key[len(prefix):] if key.startswith(prefix) else key
         layer_name, _, which = name.rpartition(".lora_")
         which = "lora_" + which
-        # PEFT's in-memory names carry the adapter name right after the factor: lora_A.default.weight
+        # PEFT's in-memory names carry the adapter name right after the factor: lora_A.default.weight,
+        # lora_magnitude_vector.default.weight
         which = which.replace("lora_A.default.", "lora_A.").replace("lora_B.default.", "lora_B.")
+        if which == f"{MAGNITUDE_KEY}.default.weight":
+            which = MAGNITUDE_KEY
         layer = layers.get(layer_name)
-        if layer is None or which not in ("lora_A.weight", "lora_B.weight"):
+        if layer is None or which not in ("lora_A.weight", "lora_B.weight", MAGNITUDE_KEY):
             problems.append(f"{key}: no QLoRALinear layer or LoRA factor of that name")
+            continue
+        if which == MAGNITUDE_KEY and not layer.use_dora:
+            problems.append(f"{key}: a DoRA magnitude, but the layer {layer_name} is not a DoRA layer (use_dora=False)")
             continue
         if (layer_name, which) in seen:
             problems.append(f"{key}: the same factor as {seen[layer_name, which]}")
             continue
         seen[layer_name, which] = key
-        param = layer.lora_A if which == "lora_A.weight" else layer.lora_B
+        param = {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}.get(which)
+        if param is None:
+            param = layer.lora_magnitude_vector
         if not isinstance(t, torch.Tensor):
             problems.append(f"{key}: a {type(t).__name__}, not a tensor")
             continue
@@ -595,10 +697,14 @@ def _plan_adapter_load(layers: dict[str, QLoRALinear], state_dict: dict[str, tor
             problems.append(f"{key}: shape {tuple(t.shape)}, the layer's is {tuple(param.shape)}")
             continue
         plan.append((param, t))
-    missing = [f"{n}.{w}" for n in layers for w in ("lora_A.weight", "lora_B.weight") if (n, w) not in seen]
+    missing = [f"{n}.{w}" for n, layer in layers.items() for w in _adapter_keys(layer) if (n, w) not in seen]
     if missing:
         problems.append(f"missing: {', '.join(missing)}")
     return plan, problems
+
+
+def _adapter_keys(layer: QLoRALinear) -> tuple[str, ...]:
+    return ("lora_A.weight", "lora_B.weight") + ((MAGNITUDE_KEY,) if layer.use_dora else ())
 
 
 def _copy_plan(plan: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -273,3 +273,50 @@ def qlora_linear(
     branch_input = x if lora_input is None else lora_input
     lora = torch.nn.functional.linear(torch.nn.functional.linear(branch_input.to(lora_A.dtype), lora_A), lora_B)
     return base + (lora * scaling).to(x.dtype)
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """||W + scaling * B . A|| of each output row, [out], as PEFT's DoRA computes it (peft 0.21
+    `DoraLinearLayer.get_weight_norm`): on the dense sum in the adapters' dtype, returned in it.
+
+    weight: the dequantized base [out, in]; lora_A: [r, in]; lora_B: [out, r]. Nothing guards a zero
+    norm here, as in PEFT; the kernels' layer does (see `_ops.dora_scale`)."""
+    dense = weight.to(lora_A.dtype) + scaling * (lora_B @ lora_A)
+    return torch.linalg.vector_norm(dense, dim=1).to(lora_A.dtype)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lora_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The DoRA layer (arXiv 2402.09353), as PEFT computes it on a bitsandbytes Linear4bit.
+
+    x: [..., in] in the compute dtype; weight: the dequantized base [out, in]; lora_A: [r, in];
+    lora_B: [out, r]; magnitude: m [out]; bias: [out] or None; lora_input: the dropped-out x (train
+    mode with lora_dropout), else None. With n = dora_weight_norm(...) treated as a constant (the
+    paper's section 4.3: no gradient flows through it) and s = m / n, per output column:
+
+        y = s * (x . W^T + scaling * x . A^T . B^T) + bias                       (lora_input None)
+        y = x . W^T + bias + (s - 1) * (x_d . W^T) + s * scaling * x_d . A^T . B^T  (x_d = lora_input)
+
+    The second is PEFT's train-mode form with dropout: its base term is taken once on x and the
+    magnitude's correction on the dropped-out x_d. The base runs in the compute dtype (rounded
+    there, as Linear4bit returns it), the DoRA terms in the adapters' dtype, and the sum is rounded
+    to x.dtype. Gradients come from autograd; this is the oracle the kernels are tested against.
+    """
+    base = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+    branch = (x if lora_input is None else lora_input).to(lora_A.dtype)
+    norm = dora_weight_norm(weight, lora_A, lora_B.detach(), scaling).detach()
+    mag_scale = magnitude / norm
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(branch, lora_A), lora_B)
+    if lora_input is None:
+        base_term = base if bias is None else base - bias
+    else:
+        base_term = torch.nn.functional.linear(branch, weight.to(branch.dtype))
+    return (base + (mag_scale - 1) * base_term + mag_scale * lora * scaling).to(x.dtype)

@@ -188,12 +188,13 @@ def _matmul_samples():
     ]
     if lora_kernels.backends()["cpu"].usable:
         xa = torch.randn(5, 4)
-        for route in ("fused", "dequant_gemm"):
+        # out_scale on the fused forward and the transposed matmul, None on the other
+        for route, out_scale in (("fused", torch.randn(48)), ("dequant_gemm", None)):
             samples.append((torch.ops.lora_kernels.nf4_matmul.default,
-                            (x, weight, 64, 48, 128, False, xa, B.detach(), 0.5, bias, route)))
+                            (x, weight, 64, 48, 128, False, xa, B.detach(), 0.5, bias, out_scale, route)))
         samples.append((torch.ops.lora_kernels.nf4_matmul.default,
                         (torch.randn(5, 48, dtype=torch.bfloat16), weight, 64, 48, 128, True, None, None, 0.0,
-                         None, "dequant_gemm")))
+                         None, torch.randn(128), "dequant_gemm")))
     return samples
 
 

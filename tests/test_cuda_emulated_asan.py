@@ -148,7 +148,7 @@ def _quant_cases(root):
 def _matmul_cases(root):
     """The decode kernel over every padded M (1, 2, 4, 8, 16 and the rows between), rows that leave
     the last CTA partial, 1 to 8 warps, every blocksize class, ranks that split over the lanes, LoRA in
-    each dtype, bias or not, plain or double-quantized scales."""
+    each dtype, bias or not, an out_scale or not (every other case), plain or double-quantized scales."""
     rng = random.Random(7)
     shapes = [(40, 128), (33, 256), (7, 64), (5, 16384), (130, 4096)]  # (rows, cols)
     cases = []
@@ -176,11 +176,21 @@ def _matmul_cases(root):
                 right = (torch.randn(rows, rank, generator=g) * 0.1).to(lora_dtype)
                 tensors.update(lora_left=left, lora_right=right)
                 terms.append(0.5 * (left.double() @ right.double().t()))
-            if bias:
-                b = torch.randn(rows, generator=g).to(dtype)
+            b = torch.randn(rows, generator=g).to(dtype) if bias else None
+            # on every other case (by the index, and drawn last: the other cases stay as they were);
+            # fp32, both signs
+            out_scale = torch.rand(rows, generator=g) * 4 - 2 if index % 2 else None
+            # errors made before the scale grow with it; the bias is added after it
+            column_scale = 1.0 if out_scale is None else float(out_scale.abs().amax())
+            scale = column_scale * max([float((x.double().abs() @ wd.abs().t()).amax())]
+                                       + [float(t.abs().amax()) for t in terms[1:]])
+            if out_scale is not None:
+                tensors["out_scale"] = out_scale
+                terms = [sum(terms) * out_scale.double()]
+            if b is not None:
                 tensors["bias"] = b
                 terms.append(b.double().expand(M, rows))
-            scale = max([float((x.double().abs() @ wd.abs().t()).amax())] + [float(t.abs().amax()) for t in terms[1:]])
+                scale = max(scale, float(b.double().abs().amax()))
             d = os.path.join(root, f"m-{index}-M{M}-{rows}x{cols}")
             _write(d, dict(op="matmul", dtype=DTYPES[dtype], M=M, rows=rows, cols=cols, blocksize=blocksize, rank=rank,
                            lora_dtype=DTYPES[lora_dtype], lora_scaling=0.5, double_quant=int(double_quant)), tensors)

@@ -175,11 +175,12 @@ def test_bad_adapter_is_refused_whole(tmp_path):
 
     one_b = "base_model.model.encoder.layer.1.attention.self.value.lora_B.weight"
     cases = {
-        "missing": ({k: v for k, v in tensors.items() if k != one_b}, config, "not both lora_A and lora_B"),
+        "missing": ({k: v for k, v in tensors.items() if k != one_b}, config, "a layer needs lora_A, lora_B"),
         "shape": ({**tensors, one_b: torch.zeros(64, 3)}, config, "value: lora_A (4, 64) and lora_B (64, 3)"),
         "no_module": ({**tensors, "base_model.model.encoder.nope.lora_A.weight": torch.zeros(4, 64),
                        "base_model.model.encoder.nope.lora_B.weight": torch.zeros(64, 4)}, config, "encoder.nope"),
-        "dora": (tensors, {**config, "use_dora": True}, "use_dora=True"),
+        # a DoRA adapter without its magnitudes (DoRA adapters themselves load: tests/test_dora.py)
+        "dora": (tensors, {**config, "use_dora": True}, "a DoRA layer needs lora_A, lora_B, lora_magnitude_vector"),
     }
     for name, (t, c, message) in cases.items():
         model = copy.deepcopy(base)

@@ -1,10 +1,11 @@
 """The route owner's promise: over random NF4 matmuls (x in bf16 / fp16 / fp32, M from 0 to 70,
 in_features a multiple of the blocksize or not, x and the packed bytes aligned or offset by a few
-elements, forward or transposed), the route that explain() names runs on every backend present,
-and so does the automatic choice, and both match the reference.
+elements, forward or transposed, with or without LoRA, bias and a per-output out_scale), the route
+that explain() names runs on every backend present, and so does the automatic choice, and both
+match the reference.
 
 The reference: W dequantized by the spec in x's dtype (as every kernel rounds it), the matmul,
-LoRA term and bias in float64."""
+LoRA term, out_scale and bias in float64."""
 
 import os
 import random
@@ -20,9 +21,10 @@ from lora_kernels import _ops, reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = 40
 BLOCKSIZE = 64
-# Allowed |out - reference|, as a fraction of the largest term that enters an output (|x|.|W|^T,
-# the LoRA term, the bias), with the reason: a 16-bit output is rounded once by a fused kernel and
-# up to three times by dequant_gemm (GEMM output, LoRA addmm, bias add), half an ulp each, at most
+# Allowed |out - reference|, as a fraction of the largest term that enters an output (|x|.|W|^T and
+# the LoRA term, each times the largest |out_scale|; the bias), with the reason: a 16-bit output is
+# rounded once by a fused kernel and up to three times by dequant_gemm (GEMM output, LoRA addmm,
+# bias add, or with out_scale the scaled sum plus bias in fp32), half an ulp each, at most
 # 2^-8 (bf16) / 2^-11 (fp16) of the largest term; fp16 x on the CPU's fused route multiplies fp32
 # weights instead of fp16-rounded ones (2^-11 each, summed over K at random signs). fp32: only the
 # summation order differs.
@@ -41,6 +43,7 @@ def _draw(index: int, device: str) -> dict:
         transpose=rng.random() < 0.3,
         rank=rng.choice([None, 1, 8]),
         bias=rng.random() < 0.5,
+        out_scale=rng.random() < 0.5,  # drawn last: the earlier draws, and so the cases, stay as they were
         seed=index,
         device=device,
     )
@@ -69,21 +72,30 @@ def _problem(case):
         left = torch.randn(case["M"], case["rank"], generator=g).to(device)
         right = (torch.randn(N, case["rank"], generator=g) * 0.1).to(device)
     bias = torch.randn(N, generator=g).to(dtype).to(device) if case["bias"] else None
-    return q, x, left, right, bias
+    # DoRA's column scale, fp32 whatever x's dtype; of both signs, so a scale applied to the bias or
+    # as its absolute value is caught
+    out_scale = (torch.rand(N, generator=g) * 4 - 2).to(device) if case["out_scale"] else None
+    return q, x, left, right, bias, out_scale
 
 
-def _reference(q, x, left, right, bias, transpose):
+def _reference(q, x, left, right, bias, out_scale, transpose):
     scales = reference.dequantize_absmax(q.absmax, q.nested_absmax, q.nested_code, q.offset)
     w = reference.dequantize_nf4_blocks(q.packed, scales, q.blocksize, q.numel, x.dtype).view(q.shape).double()
     w = w if transpose else w.t()
     terms = [x.double() @ w]
     if left is not None:
         terms.append(0.5 * (left.double() @ right.double().t()))
-    if bias is not None:
-        terms.append(bias.double().expand_as(terms[0]))
+    # rounding errors made before the scale (a 16-bit GEMM output, the LoRA addmm) grow with it
+    column_scale = 1.0 if out_scale is None else float(out_scale.abs().amax())
     scale = (x.double().abs() @ w.abs()).amax() if x.numel() else torch.tensor(0.0, dtype=torch.float64)
-    scale = max([float(scale)] + [float(t.abs().amax()) for t in terms[1:] if t.numel()] + [1e-30])
-    return sum(terms), scale
+    scale = max([float(scale)] + [float(t.abs().amax()) for t in terms[1:] if t.numel()] + [1e-30]) * column_scale
+    expected = sum(terms)
+    if out_scale is not None:
+        expected = expected * out_scale.double()
+    if bias is not None:
+        expected = expected + bias.double()
+        scale = max(scale, float(bias.double().abs().amax()))
+    return expected, scale
 
 
 def _params():
@@ -116,12 +128,12 @@ def test_named_route_runs_and_matches_reference(device, backend_name, index, bac
         pytest.skip("the Triton interpreter is slow: every fourth case")
     backend(backend_name)
     case = _draw(index, device)
-    q, x, left, right, bias = _problem(case)
+    q, x, left, right, bias, out_scale = _problem(case)
     rows, cols = q.shape
     info = lk.explain(x, q, transpose=case["transpose"])
     assert info["backend"] == backend_name and info["route"] in lk.routes.ROUTES[backend_name] and info["why"]
-    expected, scale = _reference(q, x, left, right, bias, case["transpose"])
-    args = (x, q.tensors, q.blocksize, rows, cols, case["transpose"], left, right, 0.5, bias)
+    expected, scale = _reference(q, x, left, right, bias, out_scale, case["transpose"])
+    args = (x, q.tensors, q.blocksize, rows, cols, case["transpose"], left, right, 0.5, bias, out_scale)
     named = torch.ops.lora_kernels.nf4_matmul(*args, info["route"])
     automatic = _ops.nf4_matmul(*args)
     for got in (named, automatic):
@@ -129,6 +141,23 @@ def test_named_route_runs_and_matches_reference(device, backend_name, index, bac
         err = (got.double() - expected).abs().amax().item() if got.numel() else 0.0
         assert err <= RELATIVE_TOLERANCE[x.dtype] * scale, (case, info, err, scale)
     assert torch.equal(named, automatic), (case, info)  # the dispatcher took the route explain() named
+
+
+@pytest.mark.parametrize("device,backend_name", [p for p in _params() if p.values[0] == "cpu"])
+def test_out_scale_on_every_route(device, backend_name, backend):
+    """Every route of every backend with an out_scale, LoRA and bias together (the random cases above
+    seldom draw the CUDA fused route): the fused one forward, dequant_gemm transposed."""
+    backend(backend_name)
+    for route in lk.routes.ROUTES[backend_name]:
+        transpose = route == "dequant_gemm"
+        case = dict(dtype=torch.bfloat16, M=3, out_features=48, in_features=128, x_offset=0, packed_offset=0,
+                    transpose=transpose, rank=8, bias=True, out_scale=True, seed=7, device=device)
+        q, x, left, right, bias, out_scale = _problem(case)
+        expected, scale = _reference(q, x, left, right, bias, out_scale, transpose)
+        got = torch.ops.lora_kernels.nf4_matmul(x, q.tensors, q.blocksize, *q.shape, transpose, left, right, 0.5, bias,
+                                                out_scale, route)
+        err = (got.double() - expected).abs().amax().item()
+        assert err <= RELATIVE_TOLERANCE[x.dtype] * scale, (route, err, scale)
 
 
 def test_empty_batch_through_the_layer():

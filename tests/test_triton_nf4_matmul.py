@@ -5,7 +5,7 @@ dequant_gemm takes every case, forward and transposed.
 Oracle: W dequantized by the spec (reference.dequantize_nf4_blocks, double-quantized scales decoded
 first by reference.dequantize_absmax) and rounded once to x's dtype,
 as the kernel must round it to feed tl.dot in that dtype on the GPU (for fp32 x this is the fp32
-dequantization itself); then matmul, LoRA and bias all in fp32, unrounded.
+dequantization itself); then matmul, LoRA, out_scale and bias all in fp32, unrounded.
 
 Under the interpreter each program is about 1 ms per K step, and the interpreter config tiles
 16 x 32 x 32: the largest fused cases here (M = 17, 130 x 70; M = 17, 160 x 130) are 10 programs of
@@ -30,8 +30,9 @@ SHAPES = [(64, 128, 64), (130, 70, 64), (33, 45, 32), (96, 192, 4096)]
 # double-quantized: 650 blocks of 32, i.e. three nested blocks of 256 scales, the last partial;
 # blocks straddle rows (130 % 32)
 DQ_SHAPES = SHAPES + [(160, 130, 32)]
-# epilogue: (lora rank or None, bias)
-EPILOGUES = [(None, False), (None, True), (1, False), (8, True)]
+# epilogue: (lora rank or None, bias, out_scale); the scale alone, with the bias, with LoRA, with both
+EPILOGUES = [(None, False, False), (None, True, False), (1, False, False), (8, True, False), (None, False, True),
+             (None, True, True), (1, False, True), (8, True, True)]
 LAUNCHERS = {"fused": nf4_matmul, "dequant_gemm": dequant_gemm}
 
 
@@ -49,8 +50,8 @@ def matmul_params(shapes, extra=((),)):
 
 
 def tolerance(dtype, ref, magnitude, route):
-    """Allowed |out - ref| elementwise, with its reason. magnitude: |x| @ |W|^T + |LoRA term| + |bias|
-    elementwise, a bound of every partial sum."""
+    """Allowed |out - ref| elementwise, with its reason. magnitude: (|x| @ |W|^T + |LoRA term|) * |out_scale|
+    + |bias| elementwise, a bound of every partial sum (scaled as the sum it joins is)."""
     scale = ref.abs().max().item()
     if dtype == torch.float32:
         # same products, same fp32 accumulator: only the summation order differs
@@ -68,7 +69,7 @@ def tolerance(dtype, ref, magnitude, route):
 
 
 def make_case(rows, cols, blocksize, M, transpose, dtype, rank, with_bias, lora_dtype=torch.float32, seed=0,
-              double_quant=False):
+              double_quant=False, with_scale=False):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
     packed, absmax = reference.quantize_nf4_blocks(w, blocksize)
@@ -83,14 +84,17 @@ def make_case(rows, cols, blocksize, M, transpose, dtype, rank, with_bias, lora_
         left = torch.randn(M, rank, generator=g).to(lora_dtype)
         right = (torch.randn(N, rank, generator=g) * 0.1).to(lora_dtype)
     bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
+    # fp32, both signs (drawn last: the other tensors stay those of the unscaled case)
+    out_scale = torch.rand(N, generator=g) * 4 - 2 if with_scale else None
     on = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     return dict(
         x=on(x), weight=tuple(on(t) for t in weight), blocksize=blocksize, rows=rows, cols=cols,
         transpose=transpose, lora_left=on(left), lora_right=on(right), lora_scaling=0.5, bias=on(bias),
+        out_scale=on(out_scale),
     )
 
 
-def oracle(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias):
+def oracle(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale):
     packed, absmax, nested_absmax, nested_code, offset = weight
     if nested_absmax is not None:
         absmax = reference.dequantize_absmax(absmax, nested_absmax, nested_code, offset)
@@ -102,6 +106,9 @@ def oracle(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, l
     if lora_left is not None:
         out = out + lora_scaling * (lora_left.float() @ lora_right.float().T)
         magnitude = magnitude + abs(lora_scaling) * (lora_left.float().abs() @ lora_right.float().abs().T)
+    if out_scale is not None:
+        out = out * out_scale
+        magnitude = magnitude * out_scale.abs()
     if bias is not None:
         out = out + bias.float()
         magnitude = magnitude + bias.float().abs()
@@ -125,22 +132,23 @@ def check(case, route="fused"):
 def test_matches_oracle(M, rows, cols, blocksize, transpose, route, dtype):
     # the epilogue varies with the case instead of multiplying the grid by four
     index = (SHAPES.index((rows, cols, blocksize)) + [1, 3, 17].index(M) + transpose) % len(EPILOGUES)
-    rank, with_bias = EPILOGUES[index]
-    check(make_case(rows, cols, blocksize, M, transpose, dtype, rank, with_bias), route)
+    rank, with_bias, with_scale = EPILOGUES[index]
+    check(make_case(rows, cols, blocksize, M, transpose, dtype, rank, with_bias, with_scale=with_scale), route)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,cols,blocksize,transpose,route", matmul_params(DQ_SHAPES))
 def test_double_quant_matches_oracle(rows, cols, blocksize, transpose, route, dtype):
     """Double-quantized scales decoded in the kernel, every epilogue in turn."""
-    rank, with_bias = EPILOGUES[(DQ_SHAPES.index((rows, cols, blocksize)) + transpose) % len(EPILOGUES)]
-    check(make_case(rows, cols, blocksize, 17, transpose, dtype, rank, with_bias, double_quant=True), route)
+    rank, with_bias, with_scale = EPILOGUES[(DQ_SHAPES.index((rows, cols, blocksize)) + transpose) % len(EPILOGUES)]
+    check(make_case(rows, cols, blocksize, 17, transpose, dtype, rank, with_bias, double_quant=True,
+                    with_scale=with_scale), route)
 
 
-@pytest.mark.parametrize("rank,with_bias", EPILOGUES, ids=lambda v: str(v))
+@pytest.mark.parametrize("rank,with_bias,with_scale", EPILOGUES, ids=lambda v: str(v))
 @pytest.mark.parametrize("transpose,route", [(False, "fused"), (False, "dequant_gemm"), (True, "dequant_gemm")])
-def test_every_epilogue(rank, with_bias, transpose, route):
-    check(make_case(130, 70, 64, 17, transpose, torch.bfloat16, rank, with_bias), route)
+def test_every_epilogue(rank, with_bias, with_scale, transpose, route):
+    check(make_case(130, 70, 64, 17, transpose, torch.bfloat16, rank, with_bias, with_scale=with_scale), route)
 
 
 @pytest.mark.parametrize("rank", [16, 100, 128])  # one BLOCK_R chunk, ragged chunks, two full chunks
@@ -176,10 +184,11 @@ def test_fused_refuses_what_it_cannot_take(transpose, cols):
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 def test_strided_inputs(double_quant, route):
     """Stride-0 and transposed views are made contiguous, not read as garbage."""
-    case = make_case(64, 128, 64, 3, False, torch.float32, 8, True, double_quant=double_quant)
+    case = make_case(64, 128, 64, 3, False, torch.float32, 8, True, double_quant=double_quant, with_scale=True)
     case["x"] = case["x"][:1].expand(3, -1)  # stride 0 along M
     case["lora_left"] = case["lora_left"].t().contiguous().t()  # column-major
     case["bias"] = case["bias"][:1].expand(64)
+    case["out_scale"] = case["out_scale"][:1].expand(64)
     packed, absmax, nested_absmax, nested_code, offset = case["weight"]
     absmax = absmax[:1].expand(absmax.shape)  # every block the first block's scale (or code)
     if double_quant:

@@ -10,7 +10,8 @@ roundings (launched without fp fusion, see _nf4.compile_options).
 
     forward   (transpose=False): out[M, rows] = x[M, cols] @ deq(W).T   (K = cols, N = rows)
     dx        (transpose=True):  out[M, cols] = x[M, rows] @ deq(W)     (K = rows, N = cols)
-    epilogue: out += lora_scaling * lora_left[M, r] @ lora_right[N, r].T + bias[N]
+    epilogue: out = out_scale[N] * (out + lora_scaling * lora_left[M, r] @ lora_right[N, r].T) + bias[N]
+              (out_scale fp32 or None: DoRA's column scale, applied in fp32 before the one rounding)
 
 `dequant_gemm` (large M: training, prefill; and every transposed matmul): the Triton dequantize
 kernel writes deq(W) in x's dtype, torch.mm multiplies, the epilogue follows, as the C++ route does.
@@ -26,8 +27,8 @@ table in memory would be a gather that the pipeliner stages in shared memory), s
 to x's dtype, exactly as dequantize_nf4_blocks(..., dtype=x.dtype) rounds, and multiplied with
 x's even and odd columns (x read contiguously and split) by two tl.dot into an fp32 accumulator.
 After the loop, the LoRA term is a second tl.dot over the rank, in BLOCK_R chunks (r padded to a
-power of two, at least 16 for tl.dot), added with bias to the accumulator, and the result is
-rounded to x's dtype once, in the store.
+power of two, at least 16 for tl.dot), added to the accumulator, which is then multiplied by
+out_scale (HAS_SCALE) and added the bias, and the result is rounded to x's dtype once, in the store.
 
 Shared memory: each config's is recorded (_CONFIG_SHARED_BYTES) and the autotuner offers a config
 only on a GPU whose per-block limit it fits (SHARED_MEMORY_LIMIT, by compute capability);
@@ -155,6 +156,7 @@ def _nf4_matmul_kernel(
     lora_left_ptr,  # [M, rank] contiguous (any float dtype), unused unless HAS_LORA
     lora_right_ptr,  # [N, rank] contiguous, unused unless HAS_LORA
     bias_ptr,  # [N], unused unless HAS_BIAS
+    out_scale_ptr,  # fp32 [N], unused unless HAS_SCALE
     out_ptr,  # [M, N] contiguous, x's dtype
     M,
     N,
@@ -168,6 +170,7 @@ def _nf4_matmul_kernel(
     DOUBLE_QUANT: tl.constexpr,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     DOT_FP32: tl.constexpr,  # main dot on fp32 operands (interpreter, or x is fp32)
     INTERPRET: tl.constexpr,  # running under TRITON_INTERPRET=1: emulate bf16 rounding
     LORA_DOT_FP32: tl.constexpr,  # LoRA dot on fp32 operands (interpreter, fp32 or mixed factors)
@@ -267,6 +270,10 @@ def _nf4_matmul_kernel(
                 # both factors bf16 (or both fp16): exact products, fp32 sum, on tensor cores
                 lora = tl.dot(left, right, lora)
         acc += lora_scaling * lora
+    if HAS_SCALE:
+        # scales the product and the LoRA term, not the bias (DoRA: m / ||W + s B A|| per output)
+        out_scale = tl.load(out_scale_ptr + offs_n, mask=n_mask, other=0.0)
+        acc *= out_scale[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -286,8 +293,9 @@ def nf4_matmul(
     lora_right: torch.Tensor | None = None,
     lora_scaling: float = 0.0,
     bias: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The fused route: x @ deq(W).T plus lora_scaling * lora_left @ lora_right.T and bias,
+    """The fused route: out_scale * (x @ deq(W).T + lora_scaling * lora_left @ lora_right.T) + bias,
     accumulated in fp32, rounded once to x.dtype. Forward only, in_features (cols) even; any M, but
     its configs are tiled for M <= 16.
 
@@ -298,7 +306,7 @@ def nf4_matmul(
     nested_code fp32 [256], offset fp32 [] (decoded in the kernel, two roundings as the spec).
     transpose: must be False (the argument keeps the signature of dequant_gemm).
     lora_left: [M, r], lora_right: [rows, r], any float dtype, or both None. bias: [rows] in x.dtype
-    or None. Returns [M, rows] in x.dtype.
+    or None. out_scale: fp32 [rows] or None. Returns [M, rows] in x.dtype.
     The caller validates; only the assumptions the kernel relies on are checked.
     """
     double_quant = weight[2] is not None
@@ -333,6 +341,9 @@ def nf4_matmul(
     if bias is not None:
         bias = bias.contiguous()
         assert bias.shape == (N,)
+    if out_scale is not None:
+        out_scale = out_scale.contiguous()
+        assert out_scale.shape == (N,) and out_scale.dtype == torch.float32
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -347,6 +358,7 @@ def nf4_matmul(
         lora_left,
         lora_right,
         bias if bias is not None else x,
+        out_scale if out_scale is not None else x,  # never read when None: HAS_SCALE is False
         out,
         M,
         N,
@@ -360,6 +372,7 @@ def nf4_matmul(
         DOUBLE_QUANT=double_quant,
         HAS_LORA=has_lora,
         HAS_BIAS=bias is not None,
+        HAS_SCALE=out_scale is not None,
         DOT_FP32=interpreting or x.dtype == torch.float32,
         INTERPRET=interpreting,
         LORA_DOT_FP32=lora_dot_fp32,
@@ -380,12 +393,14 @@ def dequant_gemm(
     lora_right: torch.Tensor | None = None,
     lora_scaling: float = 0.0,
     bias: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The dequant_gemm route, for large M and the transposed (backward dx) matmul: W dequantized by
     the Triton kernel into a [rows, cols] buffer in x.dtype (each value rounded once, as the fused
     kernel rounds it), then torch.mm (cuBLAS on the GPU), then the epilogue as the C++ kernels' route
     has it (csrc/torch_bindings.cpp, add_epilogue): the LoRA factors in x.dtype added by addmm_, then
-    the bias. A 16-bit output is rounded up to three times (GEMM, LoRA, bias).
+    the bias. A 16-bit output is rounded up to three times (GEMM, LoRA, bias). With out_scale, the
+    sum is scaled and the bias added in fp32, rounded once more.
 
     Arguments as nf4_matmul; transposed, x is [M, rows] and the result [M, cols] (x @ deq(W)).
     """
@@ -393,6 +408,9 @@ def dequant_gemm(
     out = torch.mm(x, w if transpose else w.t())
     if lora_left is not None and lora_left.shape[1] > 0:
         out.addmm_(lora_left.to(out.dtype), lora_right.to(out.dtype).t(), alpha=lora_scaling)
+    if out_scale is not None:
+        scaled = out.float() * out_scale
+        return (scaled if bias is None else scaled + bias.float()).to(out.dtype)
     if bias is not None:
         out.add_(bias)
     return out
@@ -400,19 +418,19 @@ def dequant_gemm(
 
 def compile_args(x_dtype: str, double_quant: bool, whole_blocks: bool, block_n: int, block_k: int):
     """(signature, constexprs) of `_nf4_matmul_kernel` for `triton.compile` on a GPU target, as the
-    launcher would pass them (x_dtype "bf16" / "fp16" / "fp32"; LoRA and bias on): what the tests
+    launcher would pass them (x_dtype "bf16" / "fp16" / "fp32"; LoRA, out_scale and bias on): what the tests
     compile for sm_80 .. sm_90 without a GPU."""
     ptr = f"*{x_dtype}"
     signature = {
         "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
         "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32",
-        "lora_left_ptr": ptr, "lora_right_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr,
+        "lora_left_ptr": ptr, "lora_right_ptr": ptr, "bias_ptr": ptr, "out_scale_ptr": "*fp32", "out_ptr": ptr,
         "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32", "M_BUCKET": "i32", "rank": "i32",
         "lora_scaling": "fp32",
     }
     constexprs = dict(
         BS=64, WHOLE_BLOCKS=whole_blocks, DOUBLE_QUANT=double_quant, HAS_LORA=True, HAS_BIAS=True,
-        DOT_FP32=x_dtype == "fp32", INTERPRET=False, LORA_DOT_FP32=x_dtype == "fp32", BLOCK_R=16,
+        HAS_SCALE=True, DOT_FP32=x_dtype == "fp32", INTERPRET=False, LORA_DOT_FP32=x_dtype == "fp32", BLOCK_R=16,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
     )
     return signature, constexprs

@@ -278,8 +278,9 @@ void nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w,
           float lora = 0.f;
           for (int64_t j = 0; j < rank; ++j)
             lora += left[(m0 + r) * rank + j] * load_as_float(epi.lora_right, epi.lora_dtype, n * rank + j);
-          const float v = acc[r] + epi.lora_scaling * lora + bias;
-          store_as(out, dtype, (m0 + r) * N + n, v);
+          float v = acc[r] + epi.lora_scaling * lora;
+          if (epi.out_scale != nullptr) v *= epi.out_scale[n];  // skipped, not * 1: unscaled bits unchanged
+          store_as(out, dtype, (m0 + r) * N + n, v + bias);
         }
       }
     }

@@ -31,7 +31,8 @@
 //   - The end: the M * R accumulators of every thread are summed by a warp reduce-scatter (each
 //     shuffle step halves the values a lane holds: V - 1 shuffles for V values instead of 5 V),
 //     then across warps through shared memory in a fixed order; one warp per output adds the LoRA
-//     term (lanes split the rank) and the bias, rounds once to the output dtype and writes.
+//     term (lanes split the rank), multiplies by the column's out_scale, adds the bias, rounds once
+//     to the output dtype and writes.
 //
 // Limits: for M >= 8 the kernel is bound by fp32 FMA issue (M FMAs a weight) rather than by DRAM;
 // a tensor-core path would be the next step there. The whole kernel is fp32 arithmetic without
@@ -284,6 +285,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       float total = 0.0f;
       for (int w = 0; w < nwarps; ++w) total += partial[w][o];
       if (lora) total = __fadd_rn(total, __fmul_rn(epi.lora_scaling, lora_dot));
+      if (epi.out_scale != nullptr) total = __fmul_rn(total, __ldg(epi.out_scale + n));
       if (epi.bias != nullptr) total = __fadd_rn(total, to_float(static_cast<const T*>(epi.bias)[n]));
       out[int64_t(m) * N + n] = from_float<T>(total);
     }

@@ -34,13 +34,19 @@ def dequantize_nf4(weight, blocksize, numel, dtype):
     return reference.dequantize_nf4_blocks(packed, absmax, blocksize, numel, dtype)
 
 
-def nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, route):
+def nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale,
+               route):
     if route != "dequant_gemm":
         raise RuntimeError(f"lora_kernels: the torch backend has only the dequant_gemm route, got {route!r}")
     w = dequantize_nf4(weight, blocksize, rows * cols, x.dtype).view(rows, cols)
     out = x @ w if transpose else x @ w.t()
     if lora_left is not None:
         out = out + (lora_scaling * (lora_left @ lora_right.t())).to(out.dtype)
+    if out_scale is not None:
+        # out_scale [N] fp32 scales the product and the LoRA term, not the bias; in fp32, rounded
+        # once, as the fused kernels do
+        scaled = out.float() * out_scale
+        return (scaled if bias is None else scaled + bias.float()).to(out.dtype)
     if bias is not None:
         out = out + bias
     return out

@@ -61,14 +61,16 @@ def dequantize_nf4(weight, blocksize, numel, dtype):
         return quant.dequantize_nf4(weight, blocksize, numel, dtype)
 
 
-def nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, route):
+def nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale,
+               route):
     from triton_ops import nf4_matmul as kernels
 
     if route not in ROUTES:
         raise RuntimeError(f"lora_kernels: the triton backend's routes are {ROUTES}, got {route!r}")
     launch = kernels.nf4_matmul if route == "fused" else kernels.dequant_gemm
     with _on_device_of(x):
-        return launch(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias)
+        return launch(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias,
+                      out_scale)
 
 
 KERNELS = {"quantize_nf4": quantize_nf4, "dequantize_nf4": dequantize_nf4, "nf4_matmul": nf4_matmul}

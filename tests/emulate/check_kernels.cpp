@@ -10,7 +10,8 @@
 //
 // spec keys: op (quantize | dequantize | matmul), dtype (bf16 | fp16 | fp32), n, blocksize,
 // offset (quantize: elements of padding before w, to run the unaligned kernel), M, rows, cols,
-// rank, lora_dtype, lora_scaling, double_quant (0 | 1), bias (0 | 1).
+// rank, lora_dtype, lora_scaling, double_quant (0 | 1). A matmul's optional inputs are there when
+// their files are: lora_left.bin + lora_right.bin, bias.bin (the output dtype), out_scale.bin (fp32 [rows]).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -143,7 +144,7 @@ int run_case(const std::string& dir) {
     w.cols = std::atoll(spec["cols"].c_str());
     w.blocksize = blocksize;
     Buffer x = load(join(dir, "x.bin"));
-    Buffer left, right, bias;
+    Buffer left, right, bias, out_scale;
     lora_kernels::Epilogue epi;
     if (exists(join(dir, "lora_left.bin"))) {
       left = load(join(dir, "lora_left.bin"));
@@ -157,6 +158,10 @@ int run_case(const std::string& dir) {
     if (exists(join(dir, "bias.bin"))) {
       bias = load(join(dir, "bias.bin"));
       epi.bias = bias.data;
+    }
+    if (exists(join(dir, "out_scale.bin"))) {
+      out_scale = load(join(dir, "out_scale.bin"));
+      epi.out_scale = reinterpret_cast<const float*>(out_scale.data);
     }
     Buffer out(M * w.rows * element_size(dtype));
     err = lora_kernels::cuda::nf4_matmul_fused(x.data, dtype, M, w, epi, out.data, nullptr);
