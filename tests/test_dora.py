@@ -465,3 +465,17 @@ def test_from_bnb_model_use_dora():
     torch.testing.assert_close(model.up.lora_magnitude_vector, w.norm(dim=1), rtol=1e-6, atol=0)
     with torch.no_grad():
         assert math.isfinite(float(model(torch.randn(2, 64, dtype=torch.bfloat16)).float().sum()))
+
+
+@pytest.mark.parametrize("shape", [(512, 128), (37, 192), (300, 256)])  # nblocks a multiple of 256 or not
+def test_rows_scaled_is_the_row_scaled_weight(shape):
+    """The backward's dx multiplies by W with s folded into its block scales: the decoded scales are the
+    spec's bit for bit, and the weight is the spec's row by row times s."""
+    q = lk.quantize_nf4(torch.randn(*shape), double_quant=True)
+    s = torch.rand(shape[0]) + 0.5
+    scaled = _ops.rows_scaled(q.tensors, q.blocksize, *shape, torch.ones(shape[0]))
+    assert torch.equal(scaled[1], reference.dequantize_absmax(q.absmax, q.nested_absmax, q.nested_code, q.offset))
+    scaled = _ops.rows_scaled(q.tensors, q.blocksize, *shape, s)
+    w = reference.dequantize_nf4_blocks(scaled[0], scaled[1], q.blocksize, q.numel, torch.float32).view(shape)
+    torch.testing.assert_close(w, spec_weight(q) * s[:, None], rtol=2**-22, atol=0)
+    assert _ops.rows_scaled(q.tensors, q.blocksize, 8, 100, s) is None  # 100 columns: blocks straddle rows

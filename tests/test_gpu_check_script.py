@@ -147,14 +147,21 @@ def test_dry_run(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
     assert "dry run" in summary and "status 0" in summary, summary
-    for step in ("build", "gpu_tests", "triton_tests", "memcheck", "racecheck", "bench_quant", "bench_layers"):
+    for step in ("build", "gpu_tests", "triton_tests", "dora_tests", "memcheck", "racecheck", "bench_quant_dora",
+                 "bench_layers"):
         assert re.search(rf"^{step} .* (ok|up to date)", summary, flags=re.M), f"{step}:\n{summary}"
     assert summary in run.stdout  # the digest is printed at the end
     runs = sorted(glob.glob(str(out / "bench" / "*.json")))
-    assert len(runs) == 2 and any(p.endswith("-quant.json") for p in runs), runs
+    assert len(runs) == 2 and any(p.endswith("-quant-dora.json") for p in runs), runs
     for path in runs:
         result = json.load(open(path))
         assert result["rows"] and "verdicts" in result
+        if path.endswith("-quant-dora.json"):  # one run of both suites, dora at its --shapes
+            assert {r["suite"] for r in result["rows"]} == {"quant", "dora"}, path
+            dora = [r for r in result["rows"] if r["suite"] == "dora"]
+            assert {r["extra"]["shape"] for r in dora} == {"256x512"}
+            assert all(r["correct"] for r in dora if r["impl"].startswith("ours"))
+            assert any("QDoRA" in v for v in result["verdicts"]), result["verdicts"]
     assert (out / "logs.tar.gz").stat().st_size > 0
     # What a GPU machine sends back: at most 8 files, no deeper than OUT/a/b/file, plain names.
     files = [p for p in out.rglob("*") if p.is_file()]
