@@ -1,6 +1,6 @@
 """lora-kernels: NF4 quantization and fused QLoRA kernels, byte-compatible with bitsandbytes."""
 
-from .api import dequantize_nf4, qlora_linear, quantize_nf4
+from .api import dequantize_nf4, dora_linear, qlora_linear, quantize_nf4
 from .modules import QLoRALinear, adapter_state_dict, load_adapter_state_dict, replace_linear
 from .integrations import (
     ModelSummary,
@@ -26,6 +26,7 @@ __all__ = [
     "get_route",
     "load_adapter_state_dict",
     "qlora_linear",
+    "dora_linear",
     "replace_linear",
     "set_route",
     "backends",

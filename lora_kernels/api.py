@@ -177,7 +177,7 @@ def weight_row_sq_norms(qweight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     """||deq(W)_i||^2 for each row of a 2-D NF4 weight, with W dequantized in `dtype` as the matmul
     kernels round it: fp32 [rows]. Dequantized a few rows at a time (about 16 MiB), never whole."""
     rows, cols = qweight.shape
-    scales = qweight.block_scales()  # fp32 [nblocks]: a chunk needs only its own blocks' scales
+    scales = _ops.block_scales(qweight.tensors)  # fp32 [nblocks]: a chunk needs only its own blocks' scales
     # A chunk starts on a block boundary and on a byte (an even element): its rows are a multiple of
     # blocksize / gcd(cols, blocksize) (the blocksize is even, so the byte follows).
     step = qweight.blocksize // math.gcd(cols, qweight.blocksize)
