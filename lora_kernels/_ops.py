@@ -267,11 +267,11 @@ def scale_columns(t, scale, bias=None):
     """t * scale + bias, per column: t [M, N] in its dtype, scale [N] fp32 (or the adapters' dtype).
 
     A 16-bit t is multiplied by the scale's two 16-bit halves, hi = scale rounded to t's dtype and
-    lo = the rest, so the scale keeps 16 significant bits (DoRA's scale is near 1 and its learned
-    part a small deviation, which the 8 bits of a bf16 scale would erase) with two passes in t's
-    dtype: no fp32 [M, N] temporary, which costs more here than the arithmetic (a fresh 8 MiB
-    buffer page-faults; mixed-dtype elementwise kernels are not vectorized). Each pass rounds once:
-    within one unit in the last place of the result."""
+    lo = the rest, so the scale keeps 16 significant bits (a scale rounded to bf16 would be off by
+    up to 2^-9 of itself, the same way along a whole column) with two passes in t's dtype: no fp32
+    [M, N] temporary, which costs more here than the arithmetic (a fresh 8 MiB buffer page-faults;
+    mixed-dtype elementwise kernels are not vectorized). Each pass rounds once: the exact product
+    rounded once, or one unit in the last place from it where the two roundings meet."""
     if t.dtype == torch.float32:
         scale = scale.float()
         return t * scale if bias is None else torch.addcmul(bias.float(), t, scale)
