@@ -24,12 +24,11 @@ from lora_kernels import reference
 
 from .harness import Row, advance, expect, time_paired
 from .memory import peak_bytes
-from .problems import ALPHA, PEFT, RANK, build_ours, build_peft, main_backend, make_problem, measure, mismatch, \
-    nf4_nbytes, our_backends, step_checker, step_fn, using_backend
+from .problems import (ALPHA, PEFT, PEFT_DORA, RANK, build_ours, build_peft, main_backend, make_problem, measure,
+                       mismatch, nf4_nbytes, our_backends, step_checker, step_fn, using_backend)
 from .shapes import CPU_DEFAULT, GPU_QUICK, SHAPE_SETS, as_cases, case_name
 
 SUITE = "dora"
-PEFT_DORA = "PEFT DoRA on bnb Linear4bit"
 # Token counts of a step: the issue's on the CPU; on a GPU, the train suite's and a quarter of it.
 CPU_TOKENS, GPU_TOKENS = (512, 2048), (2048, 8192)
 QUICK_CPU_CASES = [("", (1024, 1024), 64)]  # a smoke run: every row, no goal at these sizes
@@ -72,38 +71,6 @@ def _ours(w, lora_A, lora_B, rank, use_dora, magnitude=None):
             dora.lora_magnitude_vector.copy_(magnitude)
         layer = dora
     return layer
-
-
-def _peft(w, lora_A, lora_B, rank, log, case, use_dora, magnitude=None):
-    """PEFT's LoRA or DoRA (its bnb 4-bit layer) on a Linear4bit holding w, with our factors."""
-    if not use_dora:
-        return build_peft(w, lora_A, lora_B, rank, log, case)
-    try:
-        import bitsandbytes as bnb
-        from peft import LoraConfig, get_peft_model
-    except Exception as exc:
-        log(f"{PEFT_DORA} skipped: {type(exc).__name__}: {exc}")
-        return None
-    out_f, in_f = w.shape
-    try:
-        model = torch.nn.Sequential()
-        model.add_module("proj", bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16,
-                                                   compress_statistics=True, quant_type="nf4", device="meta"))
-        model.proj.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
-                                              blocksize=64)
-        model.to(w.device)
-        model.is_loaded_in_4bit = True  # as transformers marks it: PEFT wraps with its bnb 4-bit layer
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, use_dora=True,
-                                                 target_modules=["proj"]))
-        proj = model.base_model.model.proj
-        with torch.no_grad():
-            proj.lora_A["default"].weight.copy_(lora_A)
-            proj.lora_B["default"].weight.copy_(lora_B)
-            proj.lora_magnitude_vector["default"].weight.copy_(magnitude)
-        return proj.train()
-    except Exception as exc:
-        log(f"{PEFT_DORA} skipped on {case}: cannot build it here: {type(exc).__name__}: {exc}")
-        return None
 
 
 def _params(layer) -> list:
@@ -159,8 +126,8 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
             check = step_checker(_reference(w_deq, lora_A, lora_B, magnitude, x, dy, use_dora))
             kind = "QDoRA" if use_dora else "QLoRA"
             impls = [(f"ours:{backend} {kind}", lambda: ours[use_dora]),
-                     (PEFT_DORA if use_dora else PEFT, lambda: _peft(w, lora_A, lora_B, rank, log, shape, use_dora,
-                                                                     magnitude))]
+                     (PEFT_DORA if use_dora else PEFT,
+                      lambda: build_peft(w, lora_A, lora_B, rank, log, shape, magnitude if use_dora else None))]
             for impl, build in impls:
                 layer = build()
                 if layer is None:

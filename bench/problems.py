@@ -35,6 +35,7 @@ RANK, ALPHA = 16, 32  # scaling = ALPHA / RANK = 2, PEFT's default ratio in QLoR
 # a wrong layout, a wrong scale or a dropped LoRA term errs by tens of percent.
 REL_TOL = 2e-2
 PEFT = "PEFT LoRA on bnb Linear4bit"
+PEFT_DORA = "PEFT DoRA on bnb Linear4bit"
 BF16_NN_LORA = "bf16 nn.Linear + LoRA"  # the training step's unquantized baseline (train, memory)
 # Training-step cases (train, memory): tokens a step on a GPU: a micro-batch of 8 sequences of
 # 1024, or 2 of 4096; on the CPU small enough for a 2-core machine.
@@ -185,14 +186,17 @@ class DenseLoRA(torch.nn.Module):
         return self.base(x) + lora_term(x, self.lora_A, self.lora_B, self.scaling)
 
 
-def build_peft(w, lora_A, lora_B, rank, log, case):
+def build_peft(w, lora_A, lora_B, rank, log, case, magnitude=None):
     """PEFT's LoRA (r, alpha 2r, no dropout) on a bitsandbytes Linear4bit (NF4, double quant, block
-    64, bf16 compute) holding w; None, with a printed line, when it cannot be built here."""
+    64, bf16 compute) holding w, as PEFT wraps a model transformers loaded in 4 bits (its bnb 4-bit
+    LoRA layer); with `magnitude` [out], PEFT's DoRA (use_dora) with that magnitude. None, with a
+    printed line, when it cannot be built here."""
+    impl = PEFT if magnitude is None else PEFT_DORA
     try:
         import bitsandbytes as bnb
         from peft import LoraConfig, inject_adapter_in_model
     except Exception as exc:
-        log(f"{PEFT} skipped: {type(exc).__name__}: {exc}")
+        log(f"{impl} skipped: {type(exc).__name__}: {exc}")
         return None
     out_f, in_f = w.shape
     try:
@@ -202,14 +206,17 @@ def build_peft(w, lora_A, lora_B, rank, log, case):
         model.proj.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True,
                                               quant_type="nf4", blocksize=64)
         model.to(w.device)  # Params4bit quantizes on its first move
+        model.is_loaded_in_4bit = True  # what transformers sets: PEFT then uses its bnb 4-bit layer
         model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                   target_modules=["proj"]), model)
+                                                   use_dora=magnitude is not None, target_modules=["proj"]), model)
         with torch.no_grad():
             model.proj.lora_A["default"].weight.copy_(lora_A)
             model.proj.lora_B["default"].weight.copy_(lora_B)
+            if magnitude is not None:
+                model.proj.lora_magnitude_vector["default"].weight.copy_(magnitude)
         return model.proj
     except Exception as exc:
-        log(f"{PEFT} skipped on {case}: cannot build it here: {type(exc).__name__}: {exc}")
+        log(f"{impl} skipped on {case}: cannot build it here: {type(exc).__name__}: {exc}")
         return None
 
 
