@@ -220,6 +220,31 @@ MatmulCall check_matmul(const at::Tensor& x, const WeightList& weight, int64_t b
   return c;
 }
 
+// dst = scale * src + bias per column (src, dst [M, N] contiguous, of one dtype; scale fp32 [N];
+// bias [N] of that dtype or none), in fp32 with one rounding, in one pass: torch's own ops would
+// make an fp32 copy of src first, which on the CPU costs more than the arithmetic (a fresh buffer
+// page-faults; mixed-dtype elementwise kernels are not vectorized). dst may be src.
+void scale_columns_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias) {
+  const int64_t M = src.size(0), N = src.size(1);
+  const float* factor = scale.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "scale_columns_cpu", [&] {
+    const scalar_t* in = src.data_ptr<scalar_t>();
+    scalar_t* out = dst.data_ptr<scalar_t>();
+    const scalar_t* add = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+    at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
+      for (int64_t m = first; m < last; ++m) {
+        for (int64_t n = 0; n < N; ++n) {
+          float v = static_cast<float>(in[m * N + n]) * factor[n];
+          if (add != nullptr) v += static_cast<float>(add[n]);
+          out[m * N + n] = static_cast<scalar_t>(v);
+        }
+      }
+    });
+  });
+}
+
 // The unfused epilogue. Without out_scale, in the output dtype: out += lora_scaling * left . right^T;
 // out += bias. With it, out = out_scale * (out + lora term) + bias, the scale and the bias in fp32
 // and rounded once to the output dtype, as the fused kernels do (the LoRA addmm stays in the output
@@ -230,6 +255,10 @@ void add_epilogue(at::Tensor& out, const std::optional<at::Tensor>& lora_left,
   if (lora_left.has_value() && lora_left->size(1) > 0)
     out.addmm_(lora_left->to(out.scalar_type()), lora_right->to(out.scalar_type()).t(), 1.0, lora_scaling);
   if (out_scale.has_value()) {
+    if (out.is_cpu()) {
+      scale_columns_cpu(out, out, *out_scale, bias);
+      return;
+    }
     at::Tensor scaled = out.to(at::kFloat).mul_(*out_scale);
     if (bias.has_value()) scaled.add_(*bias);
     out.copy_(scaled);
@@ -313,6 +342,18 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const WeightList& weight, int64_t
   };
   return dequant_gemm(x, c, cpu_scratch(rows, cols, dtype), dequantize, lora_left, lora_right, lora_scaling, bias,
                       out_scale);
+}
+
+// The op scale_columns (lora_kernels/_ops.py): t * scale + bias per column, into a new tensor.
+at::Tensor scale_columns_op_cpu(const at::Tensor& t, const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), "lora_kernels: scale_columns takes a contiguous 2-D t, got ",
+              t.sizes());
+  to_dtype(t.scalar_type());
+  check_tensor(scale, "scale", at::kFloat, t.size(1), t.device());
+  if (bias.has_value()) check_tensor(*bias, "bias", t.scalar_type(), t.size(1), t.device());
+  at::Tensor out = empty_cpu(t.numel(), t.scalar_type()).view(t.sizes());
+  if (t.numel() > 0) scale_columns_cpu(t, out, scale, bias);
+  return out;
 }
 
 std::string isa_name(cpu::Isa isa) {
@@ -413,6 +454,7 @@ TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("double_quantize", &lora_kernels::double_quantize_cpu);
   m.impl("dequantize_nf4", &lora_kernels::dequantize_nf4_cpu);
   m.impl("nf4_matmul", &lora_kernels::nf4_matmul_cpu);
+  m.impl("scale_columns", &lora_kernels::scale_columns_op_cpu);
 }
 #endif
 

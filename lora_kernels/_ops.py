@@ -13,6 +13,7 @@ nested_code, offset] (`NF4Weight.tensors`; the last three None for plain fp32 sc
     double_quantize(absmax fp32 [nblocks], code fp32 [256]) -> codes uint8 [nblocks],
         nested_absmax fp32 [ceil(nblocks/256)], offset fp32 []      (code: the 8-bit map, stored as nested_code)
     dequantize_nf4(weight, blocksize, numel, dtype) -> [numel] in dtype
+    scale_columns(t [M, N], scale fp32 [N], bias [N]?) -> t * scale + bias per column, rounded once to t's dtype
     nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale,
                route)
         W is [rows, cols] = [out_features, in_features].
@@ -44,13 +45,14 @@ SCHEMAS = {
     "dequantize_nf4": "(Tensor?[] weight, int blocksize, int numel, ScalarType dtype) -> Tensor",
     "nf4_matmul": "(Tensor x, Tensor?[] weight, int blocksize, int rows, int cols, bool transpose, Tensor? lora_left, "
                   "Tensor? lora_right, float lora_scaling, Tensor? bias, Tensor? out_scale, str route) -> Tensor",
+    "scale_columns": "(Tensor t, Tensor scale, Tensor? bias) -> Tensor",
 }
 _lib = torch.library.Library("lora_kernels", "FRAGMENT")
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
 
 # The kernels' names, for the backends that register them (routes.py registers them all).
-KERNEL_OPS = ("quantize_nf4", "double_quantize", "dequantize_nf4", "nf4_matmul")
+KERNEL_OPS = ("quantize_nf4", "double_quantize", "dequantize_nf4", "nf4_matmul", "scale_columns")
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block of scales for double quantization
 
 
@@ -78,6 +80,11 @@ def _(weight, blocksize, numel, dtype):
 @torch.library.register_fake("lora_kernels::nf4_matmul", lib=_lib)
 def _(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale, route):
     return x.new_empty((x.shape[0], cols if transpose else rows))
+
+
+@torch.library.register_fake("lora_kernels::scale_columns", lib=_lib)
+def _(t, scale, bias):
+    return torch.empty_like(t)
 
 
 # The ops as Python callables. The public functions call them through these names (tests plant a
@@ -264,21 +271,12 @@ def dora_forward(x, lora_input, weight, blocksize, out_features, lora_A, lora_B,
 
 
 def scale_columns(t, scale, bias=None):
-    """t * scale + bias, per column: t [M, N] in its dtype, scale [N] fp32 (or the adapters' dtype).
-
-    A 16-bit t is multiplied by the scale's two 16-bit halves, hi = scale rounded to t's dtype and
-    lo = the rest, so the scale keeps 16 significant bits (a scale rounded to bf16 would be off by
-    up to 2^-9 of itself, the same way along a whole column) with two passes in t's dtype: no fp32
-    [M, N] temporary, which costs more here than the arithmetic (a fresh 8 MiB buffer page-faults;
-    mixed-dtype elementwise kernels are not vectorized). Each pass rounds once: the exact product
-    rounded once, or one unit in the last place from it where the two roundings meet."""
-    if t.dtype == torch.float32:
-        scale = scale.float()
-        return t * scale if bias is None else torch.addcmul(bias.float(), t, scale)
-    hi = scale.to(t.dtype)
-    lo = (scale.float() - hi.float()).to(t.dtype)
-    out = t * hi if bias is None else torch.addcmul(bias.to(t.dtype), t, hi)
-    return out.addcmul_(t, lo)
+    """t * scale + bias per column, the DoRA scale on the matmul's output: t [M, N] contiguous in the
+    compute dtype, scale [N] (fp32 or the adapters' dtype), bias [N] or None; in fp32, rounded once
+    to t's dtype. The op's CPU kernel does it in one pass (torch's own ops, the reference, make an
+    fp32 copy of t, which costs more than the arithmetic there)."""
+    return torch.ops.lora_kernels.scale_columns.default(t, scale.float().contiguous(),
+                                                         None if bias is None else bias.to(t.dtype).contiguous())
 
 
 def dora_forward_scaled(x, weight, blocksize, out_features, lora_A, lora_B, scaling, bias, mag_scale):

@@ -45,11 +45,18 @@ def nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_righ
     if out_scale is not None:
         # out_scale [N] fp32 scales the product and the LoRA term, not the bias; in fp32, rounded
         # once, as the fused kernels do
-        scaled = out.float() * out_scale
-        return (scaled if bias is None else scaled + bias.float()).to(out.dtype)
+        return scale_columns(out, out_scale, bias)
     if bias is not None:
         out = out + bias
     return out
+
+
+def scale_columns(t, scale, bias):
+    """t * scale + bias per column, in fp32, rounded once to t's dtype."""
+    out = t.float() * scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(t.dtype)
 
 
 KERNELS = {
@@ -57,4 +64,5 @@ KERNELS = {
     "double_quantize": double_quantize,
     "dequantize_nf4": dequantize_nf4,
     "nf4_matmul": nf4_matmul,
+    "scale_columns": scale_columns,
 }
