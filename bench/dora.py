@@ -60,19 +60,6 @@ def _costs(M, out_f, in_f, rank, use_dora, train) -> dict:
     return dict(nbytes=nbytes, flops=flops)
 
 
-def _ours(w, lora_A, lora_B, rank, use_dora, magnitude=None):
-    layer = build_ours(w, lora_A, lora_B, rank)
-    if use_dora:
-        dora = lora_kernels.QLoRALinear(layer.in_features, layer.out_features, bias=False, r=rank, lora_alpha=2 * rank,
-                                        use_dora=True, compute_dtype=torch.bfloat16, _weight=layer.qweight)
-        with torch.no_grad():
-            dora.lora_A.copy_(lora_A)
-            dora.lora_B.copy_(lora_B)
-            dora.lora_magnitude_vector.copy_(magnitude)
-        layer = dora
-    return layer
-
-
 def _params(layer) -> list:
     """The trained parameters of ours or PEFT's layer: lora_A, lora_B and, for DoRA, the magnitude."""
     if isinstance(layer, lora_kernels.QLoRALinear):
@@ -123,7 +110,8 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
         times, peaks, steps = {}, {}, {}
         # the goal against PEFT's DoRA: at M = 512 on the CPU (the issue's), at the smallest M on a GPU
         peft_goal = M == todo[0][2] if on_gpu else M == 512
-        ours = {use_dora: _ours(w, lora_A, lora_B, rank, use_dora, magnitude) for use_dora in (True, False)}
+        ours = {use_dora: build_ours(w, lora_A, lora_B, rank, magnitude if use_dora else None)
+                for use_dora in (True, False)}
         for use_dora in (True, False):
             check = step_checker(_reference(w_deq, lora_A, lora_B, magnitude, x, dy, use_dora))
             kind = "QDoRA" if use_dora else "QLoRA"
@@ -167,7 +155,7 @@ def _inference(rows, log, device, budget, label, shape, w, w_deq, lora_A, lora_B
     x = torch.randn(1, w.shape[1], device=device, generator=torch.Generator(device).manual_seed(3)).to(torch.bfloat16)
     times, calls = {}, {}
     for use_dora in (True, False):
-        layer = _ours(w, lora_A, lora_B, rank, use_dora, magnitude).eval()
+        layer = build_ours(w, lora_A, lora_B, rank, magnitude if use_dora else None).eval()
         calls[f"ours:{backend} {'QDoRA' if use_dora else 'QLoRA'}"] = lambda layer=layer: layer(x)
         with torch.no_grad():
             want = (reference.dora_linear(x.float(), w_deq.float(), lora_A, lora_B, ALPHA / RANK, magnitude)

@@ -153,15 +153,19 @@ def make_problem(device, out_f, in_f, rank, seed=0):
 
 
 # ---- the layers: ours, the dense baseline, the peers ---------------------------------------------
-def build_ours(w, lora_A, lora_B, rank):
-    """QLoRALinear.from_linear on an nn.Linear holding w, with the given LoRA factors."""
+def build_ours(w, lora_A, lora_B, rank, magnitude=None):
+    """QLoRALinear.from_linear on an nn.Linear holding w, with the given LoRA factors; with
+    `magnitude` [out], a DoRA layer (use_dora) with that magnitude."""
     out_f, in_f = w.shape
     linear = torch.nn.Linear(in_f, out_f, bias=False, device="meta")
     linear.weight = torch.nn.Parameter(w, requires_grad=False)
-    layer = lora_kernels.QLoRALinear.from_linear(linear, r=rank, lora_alpha=2 * rank, compute_dtype=torch.bfloat16)
+    layer = lora_kernels.QLoRALinear.from_linear(linear, r=rank, lora_alpha=2 * rank, compute_dtype=torch.bfloat16,
+                                                 use_dora=magnitude is not None)
     with torch.no_grad():
         layer.lora_A.copy_(lora_A)
         layer.lora_B.copy_(lora_B)
+        if magnitude is not None:
+            layer.lora_magnitude_vector.copy_(magnitude)
     return layer
 
 

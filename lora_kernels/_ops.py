@@ -105,12 +105,16 @@ def nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left=None, lora
 
 
 # ---- the QLoRA layer with autograd --------------------------------------------------------------
-def qlora_forward(x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, bias):
+def qlora_forward(x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, bias, out_scale=None):
     """The layer's forward without autograd (the arguments of `qlora_linear`): the op's kernel, and
-    what api.qlora_linear calls directly, eagerly, when no gradient is wanted."""
+    what api.qlora_linear calls directly, eagerly, when no gradient is wanted. out_scale [out]: the
+    DoRA layer with its scale m / norm known (eval, no gradient, see api.dora_linear), applied in the
+    matmul's epilogue beside the LoRA term and the bias."""
     branch = x if lora_input is None else lora_input
     xa = (branch.to(lora_A.dtype) @ lora_A.t()).to(lora_A.dtype)  # .to(): autocast may have run the mm in bf16
-    y = nf4_matmul(x, weight, blocksize, out_features, x.shape[1], False, xa, lora_B, scaling, bias)
+    if out_scale is not None:
+        out_scale = out_scale.float().contiguous()
+    y = nf4_matmul(x, weight, blocksize, out_features, x.shape[1], False, xa, lora_B, scaling, bias, out_scale)
     return y, xa
 
 
@@ -164,14 +168,18 @@ _NEEDS_X, _NEEDS_LORA_INPUT, _NEEDS_A, _NEEDS_B, _NEEDS_BIAS = 0, 1, 5, 6, 8  # 
 
 
 def _qlora_setup_context(ctx, inputs, output):
-    x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, bias = inputs
-    _, xa = output
-    # Saved: the weight's stored tensors (no copy), the LoRA factors, the rank-sized xa, and the
-    # branch input only when A needs a gradient. Never a dequantized weight.
+    _save_layer(ctx, *inputs[:8], output[1])
+
+
+def _save_layer(ctx, x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, xa, *more):
+    """What the QLoRA and DoRA layers' backwards share: the weight's stored tensors (no copy), the
+    LoRA factors, the rank-sized xa, the branch input only when A needs a gradient, then `more`
+    (DoRA's); never a dequantized weight. The backward gets them back as
+    list(saved[:ctx.weight_len]) and the rest."""
     branch = lora_input if lora_input is not None else x
     # (ctx.needs_input_grad is flattened here, the weight list with it; it has the arguments'
     # structure only in the backward.)
-    ctx.save_for_backward(*weight, lora_A, lora_B, xa, branch if lora_A.requires_grad else None)
+    ctx.save_for_backward(*weight, lora_A, lora_B, xa, branch if lora_A.requires_grad else None, *more)
     ctx.weight_len = len(weight)
     # The weight's "gradient" in the structure the op's autograd expects: one None per tensor of a
     # list of tensors, one None for a list holding None.
@@ -279,14 +287,6 @@ def scale_columns(t, scale, bias=None):
                                                          None if bias is None else bias.to(t.dtype).contiguous())
 
 
-def dora_forward_scaled(x, weight, blocksize, out_features, lora_A, lora_B, scaling, bias, mag_scale):
-    """The DoRA layer with its scale m / norm known (eval, no gradient): one NF4 matmul whose
-    epilogue applies the scale beside the LoRA term and the bias. mag_scale: [out]."""
-    xa = (x.to(lora_A.dtype) @ lora_A.t()).to(lora_A.dtype)
-    return nf4_matmul(x, weight, blocksize, out_features, x.shape[1], False, xa, lora_B, scaling, bias,
-                      out_scale=mag_scale.float().contiguous())
-
-
 @torch.library.custom_op("lora_kernels::dora_linear", mutates_args=())
 def dora_linear(
     x: torch.Tensor,
@@ -319,16 +319,10 @@ _NEEDS_MAGNITUDE = 9
 
 
 def _dora_setup_context(ctx, inputs, output):
-    x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, bias, magnitude, _ = inputs
+    magnitude = inputs[_NEEDS_MAGNITUDE]
     _, xa, u, norm = output
-    branch = lora_input if lora_input is not None else x
-    ctx.save_for_backward(*weight, lora_A, lora_B, xa, branch if lora_A.requires_grad else None,
-                          u if magnitude.requires_grad else None, norm, magnitude)
-    ctx.weight_len = len(weight)
-    ctx.no_weight_grad = None if any(t is None for t in weight) else [None] * len(weight)
-    ctx.blocksize, ctx.out_features, ctx.in_features, ctx.scaling = blocksize, out_features, x.shape[1], scaling
-    ctx.lora_on_x = lora_input is None
-    ctx.lora_input_dtype = None if lora_input is None else lora_input.dtype
+    # u, the unscaled output, only for the magnitude's gradient
+    _save_layer(ctx, *inputs[:8], xa, u if magnitude.requires_grad else None, norm, magnitude)
 
 
 def _dora_backward(ctx, dy, _dxa, _du, _dnorm):

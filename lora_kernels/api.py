@@ -134,8 +134,7 @@ def dora_linear(
     lead = x.shape[:-1]
     x2, lora_input, lora_A, lora_B, bias = _layer_inputs(x, in_features, lora_A, lora_B, bias, dropout_p, training,
                                                          lora_input)
-    wants_grad = _wants_grad(x, lora_A, lora_B, bias, lora_input) or (torch.is_grad_enabled() and
-                                                                      magnitude.requires_grad)
+    wants_grad = _wants_grad(x, lora_A, lora_B, bias, lora_input, magnitude)
     if mag_scale is not None:
         if wants_grad:
             raise ValueError("mag_scale is a cached scale for inference; with gradients wanted the layer computes it")
@@ -144,8 +143,8 @@ def dora_linear(
         if mag_scale is None:
             mag_scale = magnitude / dora_weight_norm(qweight, lora_A, lora_B, scaling, dtype=x.dtype,
                                                      out_dtype=magnitude.dtype, weight_sq_norm=weight_sq_norm)
-        y = _ops.dora_forward_scaled(x2, qweight.tensors, qweight.blocksize, out_features, lora_A, lora_B,
-                                     float(scaling), bias, mag_scale)
+        y, _ = _ops.qlora_forward(x2, None, qweight.tensors, qweight.blocksize, out_features, lora_A, lora_B,
+                                  float(scaling), bias, out_scale=mag_scale)
         return y.view(*lead, out_features)
     if weight_sq_norm is None:
         weight_sq_norm = weight_row_sq_norms(qweight, x.dtype)
@@ -217,13 +216,15 @@ def _layer_inputs(x, in_features, lora_A, lora_B, bias, dropout_p, training, lor
     return x2, lora_input, lora_A, lora_B, bias
 
 
-def _wants_grad(x, lora_A, lora_B, bias, lora_input) -> bool:
+def _wants_grad(x, lora_A, lora_B, bias, lora_input, magnitude=None) -> bool:
+    """Whether the layer's call must record autograd (a DoRA layer's `magnitude` too)."""
     return torch.is_grad_enabled() and (
         x.requires_grad
         or lora_A.requires_grad
         or lora_B.requires_grad
         or (bias is not None and bias.requires_grad)
         or (lora_input is not None and lora_input.requires_grad)
+        or (magnitude is not None and magnitude.requires_grad)
     )
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from . import _compat
-from .api import SUPPORTED_DTYPES, dora_linear, dora_weight_norm, qlora_linear, quantize_nf4, weight_row_sq_norms
+from .api import (SUPPORTED_DTYPES, _wants_grad, dora_linear, dora_weight_norm, qlora_linear, quantize_nf4,
+                  weight_row_sq_norms)
 from .nf4 import NF4Weight
 
 # The packed bytes are a frozen uint8 parameter, so FSDP2's fully_shard shards them (each rank holds
@@ -182,8 +183,7 @@ class QLoRALinear(nn.Module):
         if self.training or torch.compiler.is_compiling():
             return None
         params = (self.lora_magnitude_vector, self.lora_A, self.lora_B)
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)
-                                        or (self.bias is not None and self.bias.requires_grad)):
+        if _wants_grad(x, self.lora_A, self.lora_B, self.bias, None, self.lora_magnitude_vector):
             return None
         key = (self._base_key(), _version_key(*params), self.scaling)
         cached = self.__dict__.get("_dora_scale_cache")
