@@ -4,6 +4,8 @@
 
 #include <stdint.h>
 
+#include "nf4.h"  // LK_HOST_DEVICE
+
 namespace lora_kernels {
 
 enum class DType : int { kBF16 = 0, kFP16 = 1, kFP32 = 2 };
@@ -50,6 +52,14 @@ struct Nf4Matrix {
 // out_scale [N] is fp32 (nullptr: none, and not even a multiply by 1, so the bits stay those of the
 // unscaled epilogue). DoRA's column scale, magnitude / ||W + s B A||_row: it scales the LoRA term
 // too, and not the bias.
+//
+// Per-row adapters (multi_lora_linear, many adapters in one batch): when token_slots != nullptr, the
+// LoRA term of row m comes from the adapter in slot t = token_slots[m] (int32 [M]; -1: none, the
+// base alone), with that slot's own rank and scaling:
+//   slot_scalings[t] * sum_{j < slot_ranks[t]} lora_left[m, j] * lora_right[t, n, j]
+// lora_left [M, rank] (the shrink, x . A_t^T, zero past the row's rank), lora_right [slots, N, rank]
+// (rank = the pool's largest, the stride), slot_ranks int32 [slots] (0 <= rank), slot_scalings fp32
+// [slots]; lora_scaling is unused. Work past a slot's own rank is skipped, not multiplied by zeros.
 struct Epilogue {
   const void* lora_left = nullptr;
   const void* lora_right = nullptr;
@@ -58,7 +68,31 @@ struct Epilogue {
   float lora_scaling = 0.f;
   const void* bias = nullptr;
   const float* out_scale = nullptr;
+  const int32_t* token_slots = nullptr;
+  const int32_t* slot_ranks = nullptr;
+  const float* slot_scalings = nullptr;
 };
+
+// The LoRA term of output row m as the epilogue adds it: its left factor's row, its right factor
+// (for n, add n * rank), its rank (0: no term) and scaling. Shared by every C++ and CUDA kernel.
+struct RowLora {
+  const void* left;
+  const void* right;
+  int64_t rank;
+  float scaling;
+};
+
+LK_HOST_DEVICE int64_t dtype_size(DType d) { return d == DType::kFP32 ? 4 : 2; }
+LK_HOST_DEVICE RowLora row_lora(const Epilogue& e, int64_t m, int64_t N) {
+  if (e.lora_left == nullptr || e.rank == 0) return {nullptr, nullptr, 0, 0.f};
+  const int64_t elt = dtype_size(e.lora_dtype);
+  const char* left = static_cast<const char*>(e.lora_left) + m * e.rank * elt;
+  if (e.token_slots == nullptr) return {left, e.lora_right, e.rank, e.lora_scaling};
+  const int32_t slot = e.token_slots[m];
+  if (slot < 0) return {nullptr, nullptr, 0, 0.f};
+  const char* right = static_cast<const char*>(e.lora_right) + int64_t(slot) * N * e.rank * elt;
+  return {left, right, e.slot_ranks[slot], e.slot_scalings[slot]};
+}
 
 namespace cpu {
 // w: [n] of dtype; packed: [ceil(n / 2)]; absmax: [ceil(n / blocksize)]. A non-finite element
@@ -95,6 +129,16 @@ int dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blo
 constexpr int64_t kDecodeMaxRows = 16;
 int nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out,
                       void* stream);
+// Many adapters, one batch (lora_kernels::lora_shrink): xa [M, rank] in a_dtype, row m =
+// x[m] . A[t]^T rounded once to a_dtype for the first slot_ranks[t] columns (t = token_slots[m]),
+// zero past them and for t = -1. x [M, K] of x_dtype; A [slots, rank, K] of a_dtype (rank: the
+// stride, the pool's largest). fp32 accumulation. Capturable in a CUDA graph: the slot map and the
+// ranks are read on the device.
+int lora_shrink(const void* x, DType x_dtype, int64_t M, int64_t K, const void* A, DType a_dtype, int64_t rank,
+                const int32_t* token_slots, const int32_t* slot_ranks, void* xa, void* stream);
+// The unfused route's per-row LoRA term: out [M, N] (out_dtype) += the epilogue's term (epi.token_slots
+// set; its out_scale and bias are not applied), in fp32 and rounded once to out_dtype.
+int lora_expand(void* out, DType out_dtype, int64_t M, int64_t N, const Epilogue& epi, void* stream);
 // What an error code the launchers return means (cudaGetErrorString; under the CPU emulator, also
 // what the emulator saw go wrong in the last launch).
 const char* error_string(int err);

@@ -47,6 +47,7 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <vector>
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -164,13 +165,48 @@ struct MatmulCall {
   Route route = Route::kDequantGemm;
 };
 
+// Per-row adapters (Epilogue::token_slots): lora_left [M, R], lora_right [slots, N, R] of one dtype,
+// token_slots int32 [M], slot_ranks int32 [slots], slot_scalings fp32 [slots]; forward only, no
+// out_scale. The slot values themselves (-1 <= t < slots, 0 <= rank <= R) are the caller's promise
+// (api.py and the pool check them): reading them here would stop a CUDA stream.
+void check_slots(const at::Tensor& x, MatmulCall& c, const std::optional<at::Tensor>& lora_left,
+                 const std::optional<at::Tensor>& lora_right, const std::optional<at::Tensor>& token_slots,
+                 const std::optional<at::Tensor>& slot_ranks, const std::optional<at::Tensor>& slot_scalings,
+                 const std::optional<at::Tensor>& out_scale) {
+  TORCH_CHECK(lora_left.has_value() && lora_right.has_value() && slot_ranks.has_value() && slot_scalings.has_value(),
+              "lora_kernels: token_slots comes with lora_left, lora_right, slot_ranks and slot_scalings");
+  TORCH_CHECK(!c.transpose && !out_scale.has_value(), "lora_kernels: per-row adapters are forward-only, without ",
+              "out_scale");
+  const auto& l = *lora_left;
+  const auto& r = *lora_right;
+  TORCH_CHECK(l.dim() == 2 && r.dim() == 3 && l.size(0) == c.M && r.size(1) == c.N && l.size(1) == r.size(2) &&
+                  l.size(1) > 0 && r.size(0) > 0,
+              "lora_kernels: with token_slots, lora_left must be [", c.M, ", R] and lora_right [slots, ", c.N,
+              ", R], got ", l.sizes(), " and ", r.sizes());
+  TORCH_CHECK(l.scalar_type() == r.scalar_type() && l.is_contiguous() && r.is_contiguous(),
+              "lora_kernels: lora_left and lora_right must be contiguous and of one dtype");
+  TORCH_CHECK(l.device() == x.device() && r.device() == x.device(), "lora_kernels: LoRA factors on another device");
+  const int64_t slots = r.size(0);
+  check_tensor(*token_slots, "token_slots", at::kInt, c.M, x.device());
+  check_tensor(*slot_ranks, "slot_ranks", at::kInt, slots, x.device());
+  check_tensor(*slot_scalings, "slot_scalings", at::kFloat, slots, x.device());
+  c.epi.lora_left = l.data_ptr();
+  c.epi.lora_right = r.data_ptr();
+  c.epi.lora_dtype = to_dtype(l.scalar_type());
+  c.epi.rank = l.size(1);
+  c.epi.token_slots = token_slots->data_ptr<int32_t>();
+  c.epi.slot_ranks = slot_ranks->data_ptr<int32_t>();
+  c.epi.slot_scalings = slot_scalings->data_ptr<float>();
+}
+
 // The checks every backend's nf4_matmul shares, and the rules of the fused route common to the CPU
 // and CUDA kernels (each adds its own).
 MatmulCall check_matmul(const at::Tensor& x, const WeightList& weight, int64_t blocksize, int64_t rows, int64_t cols,
                         bool transpose, const std::optional<at::Tensor>& lora_left,
                         const std::optional<at::Tensor>& lora_right, double lora_scaling,
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale,
-                        c10::string_view route) {
+                        const std::optional<at::Tensor>& token_slots, const std::optional<at::Tensor>& slot_ranks,
+                        const std::optional<at::Tensor>& slot_scalings, c10::string_view route) {
   MatmulCall c;
   c.w = nf4_matrix(weight, blocksize, rows, cols);
   c.transpose = transpose;
@@ -182,7 +218,9 @@ MatmulCall check_matmul(const at::Tensor& x, const WeightList& weight, int64_t b
   c.K = transpose ? rows : cols;
   c.N = transpose ? cols : rows;
   TORCH_CHECK(x.size(1) == c.K, "lora_kernels: x has ", x.size(1), " features, the weight expects ", c.K);
-  if (lora_left.has_value()) {
+  if (token_slots.has_value()) {
+    check_slots(x, c, lora_left, lora_right, token_slots, slot_ranks, slot_scalings, out_scale);
+  } else if (lora_left.has_value()) {
     TORCH_CHECK(lora_right.has_value(), "lora_kernels: lora_left and lora_right come together");
     const auto& l = *lora_left;
     const auto& r = *lora_right;
@@ -269,15 +307,59 @@ void add_epilogue(at::Tensor& out, const std::optional<at::Tensor>& lora_left,
 
 // The dequant_gemm route of the CPU and CUDA kernels: `dequantize(buffer)` writes deq(W) [rows, cols]
 // in x's dtype into `buffer`, then one vendor GEMM (oneDNN, cuBLAS) and the epilogue in place.
-template <typename Dequantize>
+// With per-row adapters, `expand(out)` adds each row's own LoRA term (in fp32, rounded once), then the
+// bias is added.
+template <typename Dequantize, typename Expand>
 at::Tensor dequant_gemm(const at::Tensor& x, const MatmulCall& c, const at::Tensor& buffer, Dequantize&& dequantize,
-                        const std::optional<at::Tensor>& lora_left, const std::optional<at::Tensor>& lora_right,
-                        double lora_scaling, const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& out_scale) {
+                        Expand&& expand, const std::optional<at::Tensor>& lora_left,
+                        const std::optional<at::Tensor>& lora_right, double lora_scaling,
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale) {
   dequantize(buffer);
   at::Tensor out = c.transpose ? at::mm(x, buffer) : at::mm(x, buffer.t());
+  if (c.epi.token_slots != nullptr) {
+    expand(out);
+    if (bias.has_value()) out.add_(*bias);
+    return out;
+  }
   add_epilogue(out, lora_left, lora_right, lora_scaling, bias, out_scale);
   return out;
+}
+
+#if !defined(LK_EMULATED_EXTENSION)  // the CPU kernels group rows by slot on host memory
+// The rows of each slot, from a token_slots the caller has checked (a host tensor): [slot] -> rows.
+std::vector<std::vector<int64_t>> rows_by_slot(const at::Tensor& token_slots, int64_t slots) {
+  std::vector<std::vector<int64_t>> rows(static_cast<size_t>(slots));
+  const int32_t* t = token_slots.data_ptr<int32_t>();
+  for (int64_t m = 0; m < token_slots.numel(); ++m) {
+    TORCH_CHECK(t[m] >= -1 && t[m] < slots, "lora_kernels: token_slots[", m, "] = ", t[m], " is not a slot (-1 to ",
+                slots - 1, ")");
+    if (t[m] >= 0) rows[t[m]].push_back(m);
+  }
+  return rows;
+}
+
+int64_t slot_rank(const at::Tensor& slot_ranks, int64_t slot, int64_t max_rank) {
+  const int64_t rank = slot_ranks.data_ptr<int32_t>()[slot];
+  TORCH_CHECK(rank >= 0 && rank <= max_rank, "lora_kernels: slot ", slot, " has rank ", rank, ", outside 0..",
+              max_rank);
+  return rank;
+}
+#endif
+
+// Per-row adapter checks the CPU and CUDA lora_shrink share; returns the stride rank R.
+int64_t check_shrink(const at::Tensor& x, const at::Tensor& lora_A_slots, const at::Tensor& token_slots,
+                     const at::Tensor& slot_ranks) {
+  to_dtype(x.scalar_type());
+  to_dtype(lora_A_slots.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lora_kernels: lora_shrink takes a contiguous 2-D x, got ", x.sizes());
+  TORCH_CHECK(lora_A_slots.dim() == 3 && lora_A_slots.is_contiguous() && lora_A_slots.size(0) > 0 &&
+                  lora_A_slots.size(1) > 0 && lora_A_slots.size(2) == x.size(1),
+              "lora_kernels: lora_A_slots must be contiguous [slots, R, ", x.size(1), "], got ", lora_A_slots.sizes());
+  TORCH_CHECK(lora_A_slots.device() == x.device(), "lora_kernels: lora_A_slots is on ", lora_A_slots.device(),
+              ", x on ", x.device());
+  check_tensor(token_slots, "token_slots", at::kInt, x.size(0), x.device());
+  check_tensor(slot_ranks, "slot_ranks", at::kInt, lora_A_slots.size(0), x.device());
+  return lora_A_slots.size(1);
 }
 
 // ---- the CPU kernels ----
@@ -323,15 +405,39 @@ at::Tensor cpu_scratch(int64_t rows, int64_t cols, at::ScalarType dtype) {
   return scratch.narrow(0, 0, nbytes).view(dtype).view({rows, cols});
 }
 
+// The CPU's per-row LoRA term on the unfused route: for each slot, its rows' term in one vendor GEMM
+// at the slot's own rank (fp32, as the fused kernels' epilogue), added to out and rounded once. On the
+// CPU the slot map is host memory, so the rows can be grouped: one GEMM a distinct adapter, which
+// reads its B once, instead of a rank-r dot product an output element.
+void add_slot_lora_cpu(at::Tensor& out, const at::Tensor& left, const at::Tensor& right, const at::Tensor& token_slots,
+                       const at::Tensor& slot_ranks, const at::Tensor& slot_scalings) {
+  const int64_t slots = right.size(0);
+  const auto rows = rows_by_slot(token_slots, slots);
+  for (int64_t t = 0; t < slots; ++t) {
+    const int64_t rank = slot_rank(slot_ranks, t, left.size(1));
+    if (rows[t].empty() || rank == 0) continue;
+    const auto index = at::tensor(rows[t], at::TensorOptions().dtype(at::kLong));
+    const at::Tensor term = at::mm(left.index_select(0, index).narrow(1, 0, rank).to(at::kFloat),
+                                   right[t].narrow(1, 0, rank).to(at::kFloat).t());
+    const at::Tensor sum = out.index_select(0, index).to(at::kFloat).add_(term, slot_scalings.data_ptr<float>()[t]);
+    out.index_copy_(0, index, sum.to(out.scalar_type()));
+  }
+}
+
 at::Tensor nf4_matmul_cpu(const at::Tensor& x, const WeightList& weight, int64_t blocksize, int64_t rows, int64_t cols,
                           bool transpose, const std::optional<at::Tensor>& lora_left,
                           const std::optional<at::Tensor>& lora_right, double lora_scaling,
                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale,
-                          c10::string_view route) {
+                          const std::optional<at::Tensor>& token_slots, const std::optional<at::Tensor>& slot_ranks,
+                          const std::optional<at::Tensor>& slot_scalings, c10::string_view route) {
   const MatmulCall c = check_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling,
-                                    bias, out_scale, route);
+                                    bias, out_scale, token_slots, slot_ranks, slot_scalings, route);
   const auto dtype = x.scalar_type();
   if (c.M == 0) return at::empty({0, c.N}, x.options());
+  if (token_slots.has_value()) {  // the kernels trust the slot values: checked here, on host memory
+    rows_by_slot(*token_slots, lora_right->size(0));
+    for (int64_t t = 0; t < lora_right->size(0); ++t) slot_rank(*slot_ranks, t, lora_left->size(1));
+  }
   if (c.route == Route::kFused) {
     auto out = at::empty({c.M, c.N}, x.options());
     cpu::nf4_matmul_fused(x.data_ptr(), to_dtype(dtype), c.M, c.w, c.epi, out.data_ptr());
@@ -340,8 +446,36 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const WeightList& weight, int64_t
   const auto dequantize = [&](const at::Tensor& buffer) {
     cpu::dequantize_nf4(c.w.packed, c.w.scales, blocksize, rows * cols, buffer.data_ptr(), to_dtype(dtype));
   };
-  return dequant_gemm(x, c, cpu_scratch(rows, cols, dtype), dequantize, lora_left, lora_right, lora_scaling, bias,
-                      out_scale);
+  const auto expand = [&](at::Tensor& out) {
+    add_slot_lora_cpu(out, *lora_left, *lora_right, *token_slots, *slot_ranks, *slot_scalings);
+  };
+  return dequant_gemm(x, c, cpu_scratch(rows, cols, dtype), dequantize, expand, lora_left, lora_right, lora_scaling,
+                      bias, out_scale);
+}
+
+
+// The op lora_shrink on the CPU: for each slot, its rows times A[t, :rank]^T in one vendor GEMM in
+// A's dtype, the very product the single-adapter layer makes (x.to(A.dtype) . A^T), so a row's xa is
+// what that layer would compute for it. Columns past the slot's rank and rows without an adapter stay 0.
+at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_A_slots, const at::Tensor& token_slots,
+                           const at::Tensor& slot_ranks) {
+  const int64_t max_rank = check_shrink(x, lora_A_slots, token_slots, slot_ranks);
+  const int64_t slots = lora_A_slots.size(0);
+  at::Tensor xa = at::zeros({x.size(0), max_rank}, lora_A_slots.options());
+  const auto rows = rows_by_slot(token_slots, slots);
+  const at::Tensor x_a = x.to(lora_A_slots.scalar_type());
+  for (int64_t t = 0; t < slots; ++t) {
+    const int64_t rank = slot_rank(slot_ranks, t, max_rank);
+    if (rows[t].empty() || rank == 0) continue;
+    const at::Tensor a = lora_A_slots[t].narrow(0, 0, rank);
+    if (static_cast<int64_t>(rows[t].size()) == x.size(0)) {  // one adapter for the whole batch
+      xa.narrow(1, 0, rank).copy_(at::mm(x_a, a.t()));
+      continue;
+    }
+    const auto index = at::tensor(rows[t], at::TensorOptions().dtype(at::kLong));
+    xa.narrow(1, 0, rank).index_copy_(0, index, at::mm(x_a.index_select(0, index), a.t()));
+  }
+  return xa;
 }
 
 // The op scale_columns (lora_kernels/_ops.py): t * scale + bias per column, into a new tensor.
@@ -409,10 +543,11 @@ at::Tensor nf4_matmul_cuda(const at::Tensor& x, const WeightList& weight, int64_
                            int64_t cols, bool transpose, const std::optional<at::Tensor>& lora_left,
                            const std::optional<at::Tensor>& lora_right, double lora_scaling,
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale,
-                           c10::string_view route) {
+                           const std::optional<at::Tensor>& token_slots, const std::optional<at::Tensor>& slot_ranks,
+                           const std::optional<at::Tensor>& slot_scalings, c10::string_view route) {
   LK_DEVICE_GUARD(x.device());
   const MatmulCall c = check_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling,
-                                    bias, out_scale, route);
+                                    bias, out_scale, token_slots, slot_ranks, slot_scalings, route);
   if (c.M == 0) return at::empty({0, c.N}, x.options());
   const auto dtype = x.scalar_type();
   const auto stream = LK_CURRENT_STREAM();
@@ -434,9 +569,24 @@ at::Tensor nf4_matmul_cuda(const at::Tensor& x, const WeightList& weight, int64_
                                       to_dtype(dtype), stream),
                  "dequantize_nf4");
   };
+  const auto expand = [&](at::Tensor& out) {
+    check_launch(cuda::lora_expand(out.data_ptr(), to_dtype(dtype), c.M, c.N, c.epi, stream), "lora_expand");
+  };
   // The buffer comes from the caching allocator, so it is reused from call to call.
-  return dequant_gemm(x, c, at::empty({rows, cols}, x.options()), dequantize, lora_left, lora_right, lora_scaling,
-                      bias, out_scale);
+  return dequant_gemm(x, c, at::empty({rows, cols}, x.options()), dequantize, expand, lora_left, lora_right,
+                      lora_scaling, bias, out_scale);
+}
+
+at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_A_slots, const at::Tensor& token_slots,
+                            const at::Tensor& slot_ranks) {
+  LK_DEVICE_GUARD(x.device());
+  const int64_t max_rank = check_shrink(x, lora_A_slots, token_slots, slot_ranks);
+  at::Tensor xa = at::empty({x.size(0), max_rank}, lora_A_slots.options());
+  check_launch(cuda::lora_shrink(x.data_ptr(), to_dtype(x.scalar_type()), x.size(0), x.size(1), lora_A_slots.data_ptr(),
+                                 to_dtype(lora_A_slots.scalar_type()), max_rank, token_slots.data_ptr<int32_t>(),
+                                 slot_ranks.data_ptr<int32_t>(), xa.data_ptr(), LK_CURRENT_STREAM()),
+               "lora_shrink");
+  return xa;
 }
 #endif  // LK_CUDA_GLUE
 
@@ -455,6 +605,7 @@ TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("dequantize_nf4", &lora_kernels::dequantize_nf4_cpu);
   m.impl("nf4_matmul", &lora_kernels::nf4_matmul_cpu);
   m.impl("scale_columns", &lora_kernels::scale_columns_op_cpu);
+  m.impl("lora_shrink", &lora_kernels::lora_shrink_cpu);
 }
 #endif
 
@@ -463,6 +614,7 @@ TORCH_LIBRARY_IMPL(LK_OPS, LK_CUDA_KEY, m) {
   m.impl("quantize_nf4", &lora_kernels::quantize_nf4_cuda);
   m.impl("dequantize_nf4", &lora_kernels::dequantize_nf4_cuda);
   m.impl("nf4_matmul", &lora_kernels::nf4_matmul_cuda);
+  m.impl("lora_shrink", &lora_kernels::lora_shrink_cuda);
 }
 #endif
 

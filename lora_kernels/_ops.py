@@ -15,7 +15,7 @@ nested_code, offset] (`NF4Weight.tensors`; the last three None for plain fp32 sc
     dequantize_nf4(weight, blocksize, numel, dtype) -> [numel] in dtype
     scale_columns(t [M, N], scale fp32 [N], bias [N]?) -> t * scale + bias per column, rounded once to t's dtype
     nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale,
-               route)
+               token_slots, slot_ranks, slot_scalings, route)
         W is [rows, cols] = [out_features, in_features].
         transpose=False: x [M, cols] -> [M, rows] = out_scale * (x . deq(W)^T + lora_scaling * lora_left . lora_right^T)
                                                    + bias
@@ -23,6 +23,13 @@ nested_code, offset] (`NF4Weight.tensors`; the last three None for plain fp32 sc
         lora_left [M, r], lora_right [N, r] (N = the output width), bias [N], out_scale fp32 [N] (DoRA's
         magnitude over the row norm; broadcast over rows, applied in fp32 before the one rounding);
         route "fused" or "dequant_gemm".
+        Per-row adapters (token_slots given; forward only, no out_scale): lora_right is [slots, N, R], token_slots
+        int32 [M] (-1: the base alone), slot_ranks int32 [slots], slot_scalings fp32 [slots]; row m's LoRA term is
+        slot_scalings[t] * lora_left[m, :rank_t] . lora_right[t, :, :rank_t]^T, t = token_slots[m] (lora_scaling unused).
+    lora_shrink(x [M, K], lora_A_slots [slots, R, K], token_slots int32 [M], slot_ranks int32 [slots]) -> xa [M, R]
+        in A's dtype: row m = x[m] . A[t, :rank_t]^T, rounded once, zero past rank_t and where t = -1.
+    multi_lora_linear(x, weight, blocksize, out_features, lora_A_slots, lora_B_slots, slot_scalings, slot_ranks,
+                      token_slots, bias) -> y [M, out]: many adapters in one batch; see `multi_lora_linear` below.
     qlora_linear(x, lora_input, weight, blocksize, out_features, lora_A, lora_B, scaling, bias) -> (y, xa)
         the QLoRA layer with autograd; see `qlora_linear` below.
     qlora_linear_dx(dy, weight, blocksize, out_features, in_features, g, lora_A) -> dx, its input gradient.
@@ -44,15 +51,17 @@ SCHEMAS = {
     "double_quantize": "(Tensor absmax, Tensor code) -> (Tensor codes, Tensor nested_absmax, Tensor offset)",
     "dequantize_nf4": "(Tensor?[] weight, int blocksize, int numel, ScalarType dtype) -> Tensor",
     "nf4_matmul": "(Tensor x, Tensor?[] weight, int blocksize, int rows, int cols, bool transpose, Tensor? lora_left, "
-                  "Tensor? lora_right, float lora_scaling, Tensor? bias, Tensor? out_scale, str route) -> Tensor",
+                  "Tensor? lora_right, float lora_scaling, Tensor? bias, Tensor? out_scale, Tensor? token_slots, "
+                  "Tensor? slot_ranks, Tensor? slot_scalings, str route) -> Tensor",
     "scale_columns": "(Tensor t, Tensor scale, Tensor? bias) -> Tensor",
+    "lora_shrink": "(Tensor x, Tensor lora_A_slots, Tensor token_slots, Tensor slot_ranks) -> Tensor",
 }
 _lib = torch.library.Library("lora_kernels", "FRAGMENT")
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
 
 # The kernels' names, for the backends that register them (routes.py registers them all).
-KERNEL_OPS = ("quantize_nf4", "double_quantize", "dequantize_nf4", "nf4_matmul", "scale_columns")
+KERNEL_OPS = ("quantize_nf4", "double_quantize", "dequantize_nf4", "nf4_matmul", "scale_columns", "lora_shrink")
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block of scales for double quantization
 
 
@@ -78,8 +87,14 @@ def _(weight, blocksize, numel, dtype):
 
 
 @torch.library.register_fake("lora_kernels::nf4_matmul", lib=_lib)
-def _(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale, route):
+def _(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale, token_slots,
+      slot_ranks, slot_scalings, route):
     return x.new_empty((x.shape[0], cols if transpose else rows))
+
+
+@torch.library.register_fake("lora_kernels::lora_shrink", lib=_lib)
+def _(x, lora_A_slots, token_slots, slot_ranks):
+    return x.new_empty((x.shape[0], lora_A_slots.shape[1]), dtype=lora_A_slots.dtype)
 
 
 @torch.library.register_fake("lora_kernels::scale_columns", lib=_lib)
@@ -95,13 +110,17 @@ dequantize_nf4 = torch.ops.lora_kernels.dequantize_nf4.default
 
 
 def nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left=None, lora_right=None, lora_scaling=0.0,
-               bias=None, out_scale=None) -> torch.Tensor:
+               bias=None, out_scale=None, token_slots=None, slot_ranks=None, slot_scalings=None) -> torch.Tensor:
     """One NF4 matmul (see the module docstring), on the route routes.py picks for exactly these
     inputs. x: contiguous [M, K], validated by the caller."""
     route = routes.route_for(x, weight, blocksize, rows, cols, transpose)
     return torch.ops.lora_kernels.nf4_matmul.default(
-        x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale, route
+        x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale, token_slots,
+        slot_ranks, slot_scalings, route
     )
+
+
+lora_shrink = torch.ops.lora_kernels.lora_shrink.default
 
 
 # ---- the QLoRA layer with autograd --------------------------------------------------------------
@@ -392,6 +411,43 @@ def block_scales(weight):
 
 
 dora_linear.register_autograd(_dora_backward, setup_context=_dora_setup_context)
+
+
+# ---- many adapters in one batch on one NF4 base (inference) -------------------------------------
+# Punica's SGMV / BGMV split, on the NF4 base: the shrink x . A^T per token (`lora_shrink`, rank-sized),
+# the expand . B^T in the epilogue of the base matmul, each row with its own slot's adapter.
+def multi_lora_forward(x, weight, blocksize, out_features, lora_A_slots, lora_B_slots, slot_scalings, slot_ranks,
+                       token_slots, bias):
+    """The op's kernel, and what api.multi_lora_linear calls directly, eagerly."""
+    xa = lora_shrink(x, lora_A_slots, token_slots, slot_ranks)
+    return nf4_matmul(x, weight, blocksize, out_features, x.shape[1], False, xa, lora_B_slots, 0.0, bias, None,
+                      token_slots, slot_ranks, slot_scalings)
+
+
+@torch.library.custom_op("lora_kernels::multi_lora_linear", mutates_args=())
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: list[torch.Tensor | None],
+    blocksize: int,
+    out_features: int,
+    lora_A_slots: torch.Tensor,
+    lora_B_slots: torch.Tensor,
+    slot_scalings: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    token_slots: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """y[m] = x[m] . deq(W)^T + slot_scalings[t] * (x[m] . A[t]^T) . B[t]^T + bias, t = token_slots[m]
+    (-1: no adapter), each slot at its own rank (reference.multi_lora_linear). x: [M, in] contiguous;
+    lora_A_slots [slots, R, in], lora_B_slots [slots, out, R] in one dtype; slot_scalings fp32
+    [slots]; slot_ranks, token_slots int32. Inference only (no autograd)."""
+    return multi_lora_forward(x, weight, blocksize, out_features, lora_A_slots, lora_B_slots, slot_scalings,
+                              slot_ranks, token_slots, bias)
+
+
+@multi_lora_linear.register_fake
+def _(x, weight, blocksize, out_features, lora_A_slots, lora_B_slots, slot_scalings, slot_ranks, token_slots, bias):
+    return x.new_empty((x.shape[0], out_features))
 
 # Below the ops: the route owner, which loads the extension and registers every backend's kernels.
 from . import routes  # noqa: E402

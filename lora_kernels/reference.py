@@ -320,3 +320,35 @@ def dora_linear(
     else:
         base_term = torch.nn.functional.linear(branch, weight.to(branch.dtype))
     return (base + (mag_scale - 1) * base_term + mag_scale * lora * scaling).to(x.dtype)
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A_slots: torch.Tensor,
+    lora_B_slots: torch.Tensor,
+    slot_scalings: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    token_slots: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Many adapters in one batch: each row runs the QLoRA layer (`qlora_linear`) with its own adapter.
+
+    x: [M, in]; weight: the dequantized base [out, in]; lora_A_slots: [slots, R, in]; lora_B_slots:
+    [slots, out, R]; slot_scalings: [slots]; slot_ranks: [slots], adapter t is A[t, :rank_t],
+    B[t, :, :rank_t]; token_slots: [M], the slot of each row, -1 for the base alone. Row by row, as
+    one single-adapter layer a row would compute it (what PEFT's `adapter_names` does too). Inference:
+    no autograd is expected through it.
+    """
+    rows = []
+    for m in range(x.shape[0]):
+        t = int(token_slots[m])
+        if t < 0:
+            rows.append(torch.nn.functional.linear(x[m:m + 1], weight.to(x.dtype), bias))
+            continue
+        r = int(slot_ranks[t])
+        rows.append(qlora_linear(x[m:m + 1], weight, lora_A_slots[t, :r], lora_B_slots[t, :, :r],
+                                 float(slot_scalings[t]), bias))
+    if not rows:
+        return x.new_empty((0, weight.shape[0]))
+    return torch.cat(rows)

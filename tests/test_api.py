@@ -191,14 +191,25 @@ def _matmul_samples():
         # out_scale on the fused forward and the transposed matmul, None on the other
         for route, out_scale in (("fused", torch.randn(48)), ("dequant_gemm", None)):
             samples.append((torch.ops.lora_kernels.nf4_matmul.default,
-                            (x, weight, 64, 48, 128, False, xa, B.detach(), 0.5, bias, out_scale, route)))
+                            (x, weight, 64, 48, 128, False, xa, B.detach(), 0.5, bias, out_scale, None, None, None,
+                             route)))
         samples.append((torch.ops.lora_kernels.nf4_matmul.default,
                         (torch.randn(5, 48, dtype=torch.bfloat16), weight, 64, 48, 128, True, None, None, 0.0,
-                         None, torch.randn(128), "dequant_gemm")))
+                         None, torch.randn(128), None, None, None, "dequant_gemm")))
+        # per-row adapters: 3 slots of rank <= 4, row 2 on the base alone, on both routes
+        slots, ranks = torch.tensor([0, 2, -1, 1, 0], dtype=torch.int32), torch.tensor([4, 1, 3], dtype=torch.int32)
+        a_slots, b_slots, scalings = torch.randn(3, 4, 128), torch.randn(3, 48, 4), torch.tensor([0.5, 2.0, 1.0])
+        for route in ("fused", "dequant_gemm"):
+            samples.append((torch.ops.lora_kernels.nf4_matmul.default,
+                            (x, weight, 64, 48, 128, False, xa, b_slots, 0.0, bias, None, slots, ranks, scalings,
+                             route)))
+        samples.append((torch.ops.lora_kernels.lora_shrink.default, (x, a_slots, slots, ranks)))
+        samples.append((torch.ops.lora_kernels.multi_lora_linear.default,
+                        (x, weight, 64, 48, a_slots, b_slots, scalings, ranks, slots, bias)))
     return samples
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(10))
 def test_opcheck_matmul(index):
     samples = _matmul_samples()
     if index >= len(samples):

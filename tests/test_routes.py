@@ -134,7 +134,7 @@ def test_named_route_runs_and_matches_reference(device, backend_name, index, bac
     assert info["backend"] == backend_name and info["route"] in lk.routes.ROUTES[backend_name] and info["why"]
     expected, scale = _reference(q, x, left, right, bias, out_scale, case["transpose"])
     args = (x, q.tensors, q.blocksize, rows, cols, case["transpose"], left, right, 0.5, bias, out_scale)
-    named = torch.ops.lora_kernels.nf4_matmul(*args, info["route"])
+    named = torch.ops.lora_kernels.nf4_matmul(*args, None, None, None, info["route"])
     automatic = _ops.nf4_matmul(*args)
     for got in (named, automatic):
         assert got.shape == expected.shape and got.dtype == x.dtype, (case, info)
@@ -155,7 +155,7 @@ def test_out_scale_on_every_route(device, backend_name, backend):
         q, x, left, right, bias, out_scale = _problem(case)
         expected, scale = _reference(q, x, left, right, bias, out_scale, transpose)
         got = torch.ops.lora_kernels.nf4_matmul(x, q.tensors, q.blocksize, *q.shape, transpose, left, right, 0.5, bias,
-                                                out_scale, route)
+                                                out_scale, None, None, None, route)
         err = (got.double() - expected).abs().amax().item()
         assert err <= RELATIVE_TOLERANCE[x.dtype] * scale, (route, err, scale)
 

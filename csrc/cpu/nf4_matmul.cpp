@@ -264,8 +264,10 @@ void nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w,
   // the task's weight rows (grain x K / 2 bytes, in L2) stream past them once per group.
   at::parallel_for(0, N, grain, [&](int64_t first, int64_t last) {
     float acc[kRowsPerPass];
+    RowLora term[kRowsPerPass];  // each row's LoRA term: the layer's adapter, or the row's own (per-row adapters)
     for (int64_t m0 = 0; m0 < M; m0 += kRowsPerPass) {
       const int rows = static_cast<int>(std::min<int64_t>(kRowsPerPass, M - m0));
+      for (int r = 0; r < rows; ++r) term[r] = row_lora(epi, m0 + r, N);
       for (int64_t n = first; n < last; ++n) {
         const uint8_t* bytes = w.packed + n * K / 2;
         if (bf16_dot)
@@ -276,9 +278,9 @@ void nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w,
         const float bias = epi.bias != nullptr ? load_as_float(epi.bias, dtype, n) : 0.f;
         for (int r = 0; r < rows; ++r) {
           float lora = 0.f;
-          for (int64_t j = 0; j < rank; ++j)
-            lora += left[(m0 + r) * rank + j] * load_as_float(epi.lora_right, epi.lora_dtype, n * rank + j);
-          float v = acc[r] + epi.lora_scaling * lora;
+          for (int64_t j = 0; j < term[r].rank; ++j)
+            lora += left[(m0 + r) * rank + j] * load_as_float(term[r].right, epi.lora_dtype, n * rank + j);
+          float v = acc[r] + term[r].scaling * lora;
           if (epi.out_scale != nullptr) v *= epi.out_scale[n];  // skipped, not * 1: unscaled bits unchanged
           store_as(out, dtype, (m0 + r) * N + n, v + bias);
         }

@@ -23,15 +23,15 @@ namespace cuda {
 // which breaks the whole context anyway) and takes the arguments with the kernel's parameter types.
 // Under the emulator the launch runs on the CPU, synchronously, and returns its error the same way.
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(Params...), unsigned grid, unsigned block, cudaStream_t stream,
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
                           Args&&... args) {
 #if defined(LK_CUDA_EMULATE)
   (void)stream;
-  return emulate::launch(kernel, dim3(grid), dim3(block), 0, std::forward<Args>(args)...);
+  return emulate::launch(kernel, grid, block, 0, std::forward<Args>(args)...);
 #else
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(block);
+  config.gridDim = grid;
+  config.blockDim = block;
   config.dynamicSmemBytes = 0;
   config.stream = stream;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);

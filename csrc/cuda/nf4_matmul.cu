@@ -154,14 +154,6 @@ __device__ __forceinline__ int warp_reduce_scatter(float (&v)[V], int lane) {
   return base;
 }
 
-__device__ __forceinline__ float load_as_float(const void* p, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kBF16: return __bfloat162float(__ldg(static_cast<const __nv_bfloat16*>(p) + i));
-    case DType::kFP16: return __half2float(__ldg(static_cast<const __half*>(p) + i));
-    default: return __ldg(static_cast<const float*>(p) + i);
-  }
-}
-
 // MT: rows of x rounded up (1, 2, 4, 8, 16); R: output rows a CTA; T: the dtype of x and out.
 template <typename T, int MT, int R>
 __global__ void __launch_bounds__(kMaxWarps * 32)
@@ -268,23 +260,25 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   __syncthreads();
 
   // One warp an output: lanes split the LoRA rank; lane 0 adds the pieces and writes.
-  const bool lora = epi.lora_left != nullptr && epi.rank > 0;
+  // (With per-row adapters, row m's term is its slot's, at the slot's own rank: row_lora.)
   for (int o = warp; o < V; o += nwarps) {
     const int m = o / R;
     const int64_t n = n0 + o % R;
     if (m >= M || n >= N) continue;  // the same for the whole warp
+    const RowLora term = row_lora(epi, m, N);
+    const bool lora = term.rank > 0;
     float lora_dot = 0.0f;
     if (lora) {
-      for (int64_t j = lane; j < epi.rank; j += 32)
-        lora_dot = fmaf(load_as_float(epi.lora_left, epi.lora_dtype, int64_t(m) * epi.rank + j),
-                        load_as_float(epi.lora_right, epi.lora_dtype, n * epi.rank + j), lora_dot);
+      for (int64_t j = lane; j < term.rank; j += 32)
+        lora_dot = fmaf(load_as_float(term.left, epi.lora_dtype, j),
+                        load_as_float(term.right, epi.lora_dtype, n * epi.rank + j), lora_dot);
 #pragma unroll
       for (int s = 16; s > 0; s /= 2) lora_dot += __shfl_xor_sync(0xffffffffu, lora_dot, s);
     }
     if (lane == 0) {
       float total = 0.0f;
       for (int w = 0; w < nwarps; ++w) total += partial[w][o];
-      if (lora) total = __fadd_rn(total, __fmul_rn(epi.lora_scaling, lora_dot));
+      if (lora) total = __fadd_rn(total, __fmul_rn(term.scaling, lora_dot));
       if (epi.out_scale != nullptr) total = __fmul_rn(total, __ldg(epi.out_scale + n));
       if (epi.bias != nullptr) total = __fadd_rn(total, to_float(static_cast<const T*>(epi.bias)[n]));
       out[int64_t(m) * N + n] = from_float<T>(total);

@@ -20,7 +20,7 @@ NAME = "cuda_emulated"
 RUNS_ON = ("cpu",)
 ROUTES = cuda.ROUTES
 fused_problem = cuda.fused_problem
-_OPS = ("quantize_nf4", "dequantize_nf4", "nf4_matmul")  # double_quantize has no CUDA kernel: the reference's
+_OPS = ("quantize_nf4", "dequantize_nf4", "nf4_matmul", "lora_shrink")  # double_quantize has no CUDA kernel: the reference's
 
 _lib = torch.library.Library("lora_kernels_emulated", "DEF")
 for _name in _OPS:
