@@ -582,6 +582,7 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_A_slots,
   LK_DEVICE_GUARD(x.device());
   const int64_t max_rank = check_shrink(x, lora_A_slots, token_slots, slot_ranks);
   at::Tensor xa = at::empty({x.size(0), max_rank}, lora_A_slots.options());
+  if (x.size(0) == 0) return xa;  // an empty batch: nothing to launch (its slot map has no data pointer)
   check_launch(cuda::lora_shrink(x.data_ptr(), to_dtype(x.scalar_type()), x.size(0), x.size(1), lora_A_slots.data_ptr(),
                                  to_dtype(lora_A_slots.scalar_type()), max_rank, token_slots.data_ptr<int32_t>(),
                                  slot_ranks.data_ptr<int32_t>(), xa.data_ptr(), LK_CURRENT_STREAM()),

@@ -1,6 +1,6 @@
 """lora-kernels: NF4 quantization and fused QLoRA kernels, byte-compatible with bitsandbytes."""
 
-from .api import dequantize_nf4, dora_linear, qlora_linear, quantize_nf4
+from .api import dequantize_nf4, dora_linear, multi_lora_linear, qlora_linear, quantize_nf4
 from .modules import QLoRALinear, adapter_state_dict, load_adapter_state_dict, replace_linear
 from .integrations import (
     ModelSummary,
@@ -14,12 +14,15 @@ from .integrations import (
     to_bnb_model,
 )
 from .nf4 import NF4Weight
+from .pool import AdapterPool
 from .routes import backends, explain, get_backend, get_route, set_backend, set_route
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterPool",
     "NF4Weight",
+    "multi_lora_linear",
     "QLoRALinear",
     "adapter_state_dict",
     "explain",

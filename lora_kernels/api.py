@@ -155,6 +155,79 @@ def dora_linear(
     return y.view(*lead, out_features)
 
 
+def multi_lora_linear(
+    x: torch.Tensor,
+    qweight: NF4Weight,
+    lora_A_slots: torch.Tensor,
+    lora_B_slots: torch.Tensor,
+    scalings: torch.Tensor,
+    token_slots: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ranks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Many adapters in one batch on one NF4 base, each row with its own (inference, no autograd):
+
+        y[m] = x[m] . deq(W)^T + scalings[t] * (x[m] . A[t, :r_t]^T) . B[t, :, :r_t]^T + bias,  t = token_slots[m]
+
+    the base alone where t = -1. x: [..., in] (bf16 / fp16 / fp32); qweight: NF4 [out, in];
+    lora_A_slots: [slots, R, in] and lora_B_slots: [slots, out, R], one floating dtype; scalings:
+    [slots] (lora_alpha / r of each adapter); token_slots: [M] integers, M = x's rows (x.numel() / in);
+    ranks: [slots], each slot's own rank r_t <= R (default: R for every slot); a slot costs its own
+    rank, and rank 0 adds nothing. One pass over W: the shrink x . A^T per row first, the expand in
+    the epilogue of the base matmul (reference.multi_lora_linear is the spec). The slot values are
+    checked here (on CUDA that reads them back, a sync; AdapterPool builds its slot maps itself and
+    skips it, so its decode steps can be captured in a CUDA graph)."""
+    for name, t in (("lora_A_slots", lora_A_slots), ("lora_B_slots", lora_B_slots)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] < 1:
+            raise ValueError(f"{name} must be a 3-D tensor with one entry a slot (lora_A_slots [slots, R, in], "
+                             f"lora_B_slots [slots, out, R]), got {tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+    if lora_A_slots.shape[0] != lora_B_slots.shape[0]:
+        raise ValueError(f"lora_A_slots has {lora_A_slots.shape[0]} slots, lora_B_slots {lora_B_slots.shape[0]}")
+    # each slot's factors are checked as one adapter's (shapes, dtypes, devices) on the first slot
+    out_features, in_features = _check_qlora_args(x, qweight, lora_A_slots[0], lora_B_slots[0], bias)
+    slots, max_rank = lora_A_slots.shape[:2]
+    if not isinstance(token_slots, torch.Tensor) or token_slots.dim() != 1 or token_slots.is_floating_point():
+        raise ValueError(f"token_slots must be a 1-D integer tensor, one slot a row of x (-1: no adapter), got "
+                         f"{token_slots!r:.80}")
+    M = x.numel() // in_features
+    if token_slots.shape[0] != M:
+        raise ValueError(f"token_slots has {token_slots.shape[0]} entries, x has {M} rows of {in_features} features")
+    if ranks is None:
+        ranks = torch.full((slots,), max_rank, dtype=torch.int32, device=x.device)
+    if not isinstance(scalings, torch.Tensor):
+        scalings = torch.tensor(scalings, dtype=torch.float32, device=x.device)
+    for name, t in (("scalings", scalings), ("ranks", ranks), ("token_slots", token_slots)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if tuple(scalings.shape) != (slots,) or tuple(ranks.shape) != (slots,):
+        raise ValueError(f"scalings and ranks must be [{slots}], one a slot, got {tuple(scalings.shape)} and "
+                         f"{tuple(ranks.shape)}")
+    if not torch.compiler.is_compiling():
+        bad = (token_slots < -1) | (token_slots >= slots)
+        if bool(bad.any()):
+            m = int(bad.nonzero()[0, 0])
+            raise ValueError(f"token_slots[{m}] = {int(token_slots[m])} is not a slot (-1 to {slots - 1})")
+        if bool(((ranks < 0) | (ranks > max_rank)).any()):
+            raise ValueError(f"ranks must be within 0..{max_rank} (the slots' R), got {ranks.tolist()}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A_slots, lora_B_slots,
+                                                                                   bias)):
+        raise ValueError("multi_lora_linear is for inference and has no backward; call it under torch.no_grad() "
+                         "(train one adapter at a time with qlora_linear / QLoRALinear)")
+    x2, _, lora_A_slots, lora_B_slots, bias = _layer_inputs(x, in_features, lora_A_slots, lora_B_slots, bias, 0.0,
+                                                            False, None)
+    y = multi_lora_call(x2, qweight, lora_A_slots, lora_B_slots, scalings.float().contiguous(),
+                        ranks.to(torch.int32).contiguous(), token_slots.to(torch.int32).contiguous(), bias)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def multi_lora_call(x2, qweight, lora_A_slots, lora_B_slots, slot_scalings, slot_ranks, token_slots, bias):
+    """The op on checked inputs (x2 [M, in] contiguous; int32 slots and ranks, fp32 scalings): eagerly
+    the kernels directly (no Python op), under torch.compile the custom op, one opaque node."""
+    forward = _ops.multi_lora_linear if torch.compiler.is_compiling() else _ops.multi_lora_forward
+    return forward(x2, qweight.tensors, qweight.blocksize, qweight.shape[0], lora_A_slots, lora_B_slots, slot_scalings,
+                   slot_ranks, token_slots, bias)
+
+
 def dora_weight_norm(qweight: NF4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *,
                      dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None,
                      weight_sq_norm: torch.Tensor | None = None) -> torch.Tensor:

@@ -191,6 +191,19 @@ def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict, dict[str, t
     return config, _lora_settings(config, config_path), tensors
 
 
+def split_factor_key(key: str, prefix: str | None = PEFT_PREFIX) -> tuple[str, str] | None:
+    """(module path, "lora_A" / "lora_B" / MAGNITUDE_KEY) of an adapter tensor's key, or None. PEFT's
+    file names (`<prefix><module>.lora_A.weight`, `...lora_magnitude_vector`), its in-memory ones with
+    the adapter's name (`.lora_A.default.weight`, `.lora_magnitude_vector.default.weight`); with
+    prefix=None the prefix is optional and a QLoRALinear's own state-dict names (`<module>.lora_A`)
+    are read too."""
+    head = re.escape(PEFT_PREFIX) if prefix is not None else f"(?:{re.escape(PEFT_PREFIX)})?"
+    tail = r"(?:\.[^.]+)?\.weight" if prefix is not None else r"(?:(?:\.[^.]+)?\.weight)?"
+    match = (re.fullmatch(rf"{head}(.+)\.(lora_[AB]){tail}", key)
+             or re.fullmatch(rf"{head}(.+)\.({MAGNITUDE_KEY})(?:\.[^.]+\.weight)?", key))
+    return None if match is None else (match.group(1), match.group(2))
+
+
 def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progress: bool = False,
                       **lora_kwargs) -> list[str]:
     """Load a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) into the model.
@@ -217,20 +230,19 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progres
 
     problems, factors = [], {}
     for key, t in tensors.items():
-        match = (re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
-                 or re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.({MAGNITUDE_KEY})(?:\.[^.]+\.weight)?", key))
+        match = split_factor_key(key)
         if match is None:
             problems.append(f"{key}: not a LoRA factor (expected {PEFT_PREFIX}<module>.lora_A.weight / lora_B.weight"
                             f"{f' / {MAGNITUDE_KEY}' if use_dora else ''})")
             continue
-        if match.group(2) == MAGNITUDE_KEY and not use_dora:
+        if match[1] == MAGNITUDE_KEY and not use_dora:
             problems.append(f"{key}: a DoRA magnitude, but {ADAPTER_CONFIG} has use_dora false")
             continue
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             what = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
             problems.append(f"{key}: {what}, a LoRA factor is a floating-point tensor")
             continue
-        factors.setdefault(match.group(1), {})[match.group(2)] = t
+        factors.setdefault(match[0], {})[match[1]] = t
     modules = dict(model.named_modules())
     chosen = []
     for name, pair in factors.items():

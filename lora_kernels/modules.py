@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from . import _compat
-from .api import (SUPPORTED_DTYPES, _wants_grad, dora_linear, dora_weight_norm, qlora_linear, quantize_nf4,
-                  weight_row_sq_norms)
+from .api import (SUPPORTED_DTYPES, _wants_grad, dora_linear, dora_weight_norm, multi_lora_call, qlora_linear,
+                  quantize_nf4, weight_row_sq_norms)
 from .nf4 import NF4Weight
 
 # The packed bytes are a frozen uint8 parameter, so FSDP2's fully_shard shards them (each rank holds
@@ -254,12 +254,47 @@ class QLoRALinear(nn.Module):
             self._parameters[_NF4_PARAM] = _FrozenBytes(packed.data)
         return self
 
+    # ---- many adapters (lora_kernels.AdapterPool) ----------------------------------------------
+    @property
+    def adapter_pool(self):
+        """The batch state of the AdapterPool this layer belongs to, or None."""
+        return self.__dict__.get("_adapter_pool")
+
+    def _attach_pool(self, state, slots: int, max_rank: int, dtype: torch.dtype) -> None:
+        """Slot storage for an AdapterPool (pool.py): A [slots, R, in], B [slots, out, R] in `dtype`,
+        scalings fp32 [slots], ranks int32 [slots] (0: an empty slot), as buffers that follow the
+        layer's device and are not part of its state dict."""
+        dev = self.nf4_packed.device
+        self.register_buffer("pool_lora_A", torch.zeros(slots, max_rank, self.in_features, device=dev, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("pool_lora_B", torch.zeros(slots, self.out_features, max_rank, device=dev, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("pool_scalings", torch.zeros(slots, device=dev), persistent=False)
+        self.register_buffer("pool_ranks", torch.zeros(slots, device=dev, dtype=torch.int32), persistent=False)
+        self.__dict__["_adapter_pool"] = state  # a plain attribute: not a submodule, not in the state dict
+
+    def _pooled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row with its own adapter from the pool's slots (multi_lora_linear); x in the compute dtype."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise ValueError("AdapterPool.use() runs inference only; x requires grad (wrap the call in "
+                             "torch.no_grad(), or train one adapter with the layer outside use())")
+        x2 = x.reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        y = multi_lora_call(x2, self.qweight, self.pool_lora_A, self.pool_lora_B, self.pool_scalings,
+                            self.pool_ranks, self.adapter_pool.slots_for(x, x2.shape[0]), bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         if in_dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
-        if self.use_dora:
+        pool = self.adapter_pool
+        if pool is not None and pool.active:
+            y = self._pooled_forward(x)
+        elif self.use_dora:
             y = dora_linear(x, self.qweight, self.lora_A, self.lora_B, self.scaling, self.lora_magnitude_vector,
                             self.bias, dropout_p=self.lora_dropout, training=self.training,
                             weight_sq_norm=self.weight_sq_norm(), mag_scale=self._eval_dora_scale(x))
