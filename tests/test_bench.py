@@ -42,14 +42,14 @@ def test_quick_run_writes_every_field(quick_run):
         assert env[key], key
     assert env["peak_copy_gbps"] > 0 and env["peak_matmul_tflops"] > 0
     rows = result["rows"]
-    assert {r["suite"] for r in rows} == {"quant", "forward", "train", "dora"}  # memory: CUDA only
+    assert {r["suite"] for r in rows} == {"quant", "forward", "train", "dora", "multi"}  # memory: CUDA only
     for r in rows:
         assert set(r) == ROW_FIELDS, r["impl"]
         if r["ms"] is None:
             continue
         assert r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] and r["gbps"] > 0, (r["case"], r["impl"])
         assert r["extra"]["bw_frac"] > 0
-        if r["suite"] in ("forward", "train", "dora"):
+        if r["suite"] in ("forward", "train", "dora", "multi"):
             assert r["tflops"] > 0 and r["extra"]["flop_frac"] > 0, (r["case"], r["impl"])
             assert r["extra"]["M"] > 0 and r["extra"]["shape"]
     impls = {r["impl"] for r in rows}
@@ -201,6 +201,45 @@ def test_dora_quick_run_checks_ours_and_peft(quick_run):
     assert step[wanted[0]]["extra"]["flops"] > step[wanted[1]]["extra"]["flops"]
     assert any("QDoRA" in v for v in result["verdicts"]), result["verdicts"]
     assert rc == 0
+
+
+def test_multi_quick_run_checks_every_implementation(quick_run):
+    """The quick CPU multi cases (1024x1024, M = 1 and 16 over 4 adapters): ours multi, ours on one
+    adapter, ours one call a row and, where peft and bitsandbytes import, PEFT's adapter_names, each
+    checked against the fp32 spec before it is timed; the roofline counts each distinct adapter."""
+    rc, result, _, stdout = quick_run
+    rows = [r for r in result["rows"] if r["suite"] == "multi"]
+    backend = "cpu" if lora_kernels.backends()["cpu"].usable else "torch"
+    case = {r["impl"]: r for r in rows if r["case"] == "multi 1024x1024 M=16 over 4 adapters"}
+    wanted = [f"ours:{backend} multi", f"ours:{backend} one adapter", f"ours:{backend} one call a row"]
+    try:
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+
+        wanted.append("PEFT adapter_names on bnb Linear4bit")
+    except Exception:
+        pass
+    for name in wanted:
+        assert name in case, (name, sorted(case), [ln for ln in stdout.splitlines() if "skipped" in ln])
+        assert case[name]["correct"] is True and case[name]["ms"] > 0, (name, case[name]["note"])
+    # 4 distinct fp32 adapters of rank 16 on 1024 + 1024 features, against one
+    per_adapter = 4 * 16 * (1024 + 1024)
+    assert case[wanted[0]]["extra"]["bytes"] - case[wanted[1]]["extra"]["bytes"] == 3 * per_adapter
+    assert case[wanted[0]]["extra"]["paired_ms"] > 0 or backend == "torch"
+    assert any("multi at M=1" in v for v in result["verdicts"]) or backend == "torch", result["verdicts"]
+    assert rc == 0
+
+
+def test_multi_gpu_verdicts_start_with_gpu(monkeypatch):
+    from bench import multi
+
+    cuda = torch.device("cuda")  # only its type is read, and the peaks given here: no GPU needed
+    monkeypatch.setattr(multi, "device_peaks", lambda device: {"peak_copy_gbps": 4000.0})
+    case = "multi Llama-3-8B 4096x14336 M=64 over 64 adapters"
+    row = harness.Row("multi", case, "ours:cuda multi", correct=True, ms=1.0, gbps=3000.0)
+    goals = multi._goals(cuda, case, 64, 64, "cuda", {"ours:cuda multi": 1.0, multi.PEFT_NAMES: 5.0}, None, [row])
+    assert len(goals) == 2 and all(g["goal"].startswith(f"GPU {case}: ") for g in goals), goals
+    assert goals[0]["met"] is False and goals[1]["met"] is True  # 75% of the copy bandwidth; 5x PEFT
 
 
 def test_dora_gpu_verdicts_start_with_gpu():
