@@ -48,7 +48,7 @@ COMPAT_DIR := build/compat
 COMPAT_PKGS := torch==2.11.0 triton==3.6.0 "numpy<2.4" pytest ninja safetensors
 COMPAT_TESTS := tests/test_api.py tests/test_routes.py tests/test_qlora_linear.py tests/test_modules.py \
 	tests/test_fsdp.py tests/test_triton_nf4_matmul.py tests/test_triton_nf4.py tests/test_triton_compile.py \
-	tests/test_triton_resources.py tests/test_corruption.py
+	tests/test_triton_resources.py tests/test_corruption.py tests/test_multi_lora.py
 
 $(COMPAT_PY):
 	$(PYTHON) -m venv $(COMPAT_VENV)

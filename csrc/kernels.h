@@ -110,6 +110,15 @@ void dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t bl
 // the packed bytes (unpack, table lookup, multiply-add in fp32), multi-threaded over output rows.
 // x and out are row-major contiguous in `dtype` (bf16 or fp32). Needs w.cols % w.blocksize == 0.
 void nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out);
+// Many adapters, one batch (lora_kernels::lora_shrink): xa [M, rank] in a_dtype, row m =
+// x[m] . A[t]^T rounded once to a_dtype for the first slot_ranks[t] columns (t = token_slots[m]),
+// zero past them and for t = -1. x [M, K] of x_dtype; A [slots, rank, K] of a_dtype (rank: the
+// stride, the pool's largest). fp32 accumulation. The slot values are trusted (the caller checks).
+void lora_shrink(const void* x, DType x_dtype, int64_t M, int64_t K, const void* A, DType a_dtype, int64_t rank,
+                 const int32_t* token_slots, const int32_t* slot_ranks, void* xa);
+// The unfused route's per-row LoRA term: out [M, N] (out_dtype) += the epilogue's term (epi.token_slots
+// set; its out_scale and bias are not applied), in fp32 and rounded once to out_dtype.
+void lora_expand(void* out, DType out_dtype, int64_t M, int64_t N, const Epilogue& epi);
 }  // namespace cpu
 
 namespace cuda {
@@ -129,15 +138,10 @@ int dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blo
 constexpr int64_t kDecodeMaxRows = 16;
 int nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out,
                       void* stream);
-// Many adapters, one batch (lora_kernels::lora_shrink): xa [M, rank] in a_dtype, row m =
-// x[m] . A[t]^T rounded once to a_dtype for the first slot_ranks[t] columns (t = token_slots[m]),
-// zero past them and for t = -1. x [M, K] of x_dtype; A [slots, rank, K] of a_dtype (rank: the
-// stride, the pool's largest). fp32 accumulation. Capturable in a CUDA graph: the slot map and the
-// ranks are read on the device.
+// Same contracts as cpu::lora_shrink and cpu::lora_expand, on the device. Capturable in a CUDA graph:
+// the slot map, ranks and scalings are read on the device.
 int lora_shrink(const void* x, DType x_dtype, int64_t M, int64_t K, const void* A, DType a_dtype, int64_t rank,
                 const int32_t* token_slots, const int32_t* slot_ranks, void* xa, void* stream);
-// The unfused route's per-row LoRA term: out [M, N] (out_dtype) += the epilogue's term (epi.token_slots
-// set; its out_scale and bias are not applied), in fp32 and rounded once to out_dtype.
 int lora_expand(void* out, DType out_dtype, int64_t M, int64_t N, const Epilogue& epi, void* stream);
 // What an error code the launchers return means (cudaGetErrorString; under the CPU emulator, also
 // what the emulator saw go wrong in the last launch).

@@ -405,25 +405,6 @@ at::Tensor cpu_scratch(int64_t rows, int64_t cols, at::ScalarType dtype) {
   return scratch.narrow(0, 0, nbytes).view(dtype).view({rows, cols});
 }
 
-// The CPU's per-row LoRA term on the unfused route: for each slot, its rows' term in one vendor GEMM
-// at the slot's own rank (fp32, as the fused kernels' epilogue), added to out and rounded once. On the
-// CPU the slot map is host memory, so the rows can be grouped: one GEMM a distinct adapter, which
-// reads its B once, instead of a rank-r dot product an output element.
-void add_slot_lora_cpu(at::Tensor& out, const at::Tensor& left, const at::Tensor& right, const at::Tensor& token_slots,
-                       const at::Tensor& slot_ranks, const at::Tensor& slot_scalings) {
-  const int64_t slots = right.size(0);
-  const auto rows = rows_by_slot(token_slots, slots);
-  for (int64_t t = 0; t < slots; ++t) {
-    const int64_t rank = slot_rank(slot_ranks, t, left.size(1));
-    if (rows[t].empty() || rank == 0) continue;
-    const auto index = at::tensor(rows[t], at::TensorOptions().dtype(at::kLong));
-    const at::Tensor term = at::mm(left.index_select(0, index).narrow(1, 0, rank).to(at::kFloat),
-                                   right[t].narrow(1, 0, rank).to(at::kFloat).t());
-    const at::Tensor sum = out.index_select(0, index).to(at::kFloat).add_(term, slot_scalings.data_ptr<float>()[t]);
-    out.index_copy_(0, index, sum.to(out.scalar_type()));
-  }
-}
-
 at::Tensor nf4_matmul_cpu(const at::Tensor& x, const WeightList& weight, int64_t blocksize, int64_t rows, int64_t cols,
                           bool transpose, const std::optional<at::Tensor>& lora_left,
                           const std::optional<at::Tensor>& lora_right, double lora_scaling,
@@ -446,35 +427,33 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const WeightList& weight, int64_t
   const auto dequantize = [&](const at::Tensor& buffer) {
     cpu::dequantize_nf4(c.w.packed, c.w.scales, blocksize, rows * cols, buffer.data_ptr(), to_dtype(dtype));
   };
-  const auto expand = [&](at::Tensor& out) {
-    add_slot_lora_cpu(out, *lora_left, *lora_right, *token_slots, *slot_ranks, *slot_scalings);
-  };
+  const auto expand = [&](at::Tensor& out) { cpu::lora_expand(out.data_ptr(), to_dtype(dtype), c.M, c.N, c.epi); };
   return dequant_gemm(x, c, cpu_scratch(rows, cols, dtype), dequantize, expand, lora_left, lora_right, lora_scaling,
                       bias, out_scale);
 }
 
 
-// The op lora_shrink on the CPU: for each slot, its rows times A[t, :rank]^T in one vendor GEMM in
-// A's dtype, the very product the single-adapter layer makes (x.to(A.dtype) . A^T), so a row's xa is
-// what that layer would compute for it. Columns past the slot's rank and rows without an adapter stay 0.
+// The op lora_shrink on the CPU. A batch on one adapter (every decode step of a single user) takes
+// the very product the single-adapter layer makes, x.to(A.dtype) . A^T in one vendor GEMM, so its
+// rows are bit for bit what that layer computes; a mixed batch takes the kernel (cpu/multi_lora.cpp),
+// one parallel region for every row and slot.
 at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_A_slots, const at::Tensor& token_slots,
                            const at::Tensor& slot_ranks) {
   const int64_t max_rank = check_shrink(x, lora_A_slots, token_slots, slot_ranks);
-  const int64_t slots = lora_A_slots.size(0);
-  at::Tensor xa = at::zeros({x.size(0), max_rank}, lora_A_slots.options());
-  const auto rows = rows_by_slot(token_slots, slots);
-  const at::Tensor x_a = x.to(lora_A_slots.scalar_type());
-  for (int64_t t = 0; t < slots; ++t) {
-    const int64_t rank = slot_rank(slot_ranks, t, max_rank);
-    if (rows[t].empty() || rank == 0) continue;
-    const at::Tensor a = lora_A_slots[t].narrow(0, 0, rank);
-    if (static_cast<int64_t>(rows[t].size()) == x.size(0)) {  // one adapter for the whole batch
-      xa.narrow(1, 0, rank).copy_(at::mm(x_a, a.t()));
-      continue;
-    }
-    const auto index = at::tensor(rows[t], at::TensorOptions().dtype(at::kLong));
-    xa.narrow(1, 0, rank).index_copy_(0, index, at::mm(x_a.index_select(0, index), a.t()));
+  const int64_t M = x.size(0), slots = lora_A_slots.size(0);
+  const auto rows = rows_by_slot(token_slots, slots);  // checks every slot value
+  for (int64_t t = 0; t < slots; ++t) slot_rank(slot_ranks, t, max_rank);
+  for (int64_t t = 0; t < slots && M > 0; ++t) {
+    if (static_cast<int64_t>(rows[t].size()) != M) continue;
+    at::Tensor xa = at::zeros({M, max_rank}, lora_A_slots.options());
+    const int64_t rank = slot_ranks.data_ptr<int32_t>()[t];
+    if (rank > 0) xa.narrow(1, 0, rank).copy_(at::mm(x.to(lora_A_slots.scalar_type()), lora_A_slots[t].narrow(0, 0, rank).t()));
+    return xa;
   }
+  at::Tensor xa = at::empty({M, max_rank}, lora_A_slots.options());
+  cpu::lora_shrink(x.data_ptr(), to_dtype(x.scalar_type()), M, x.size(1), lora_A_slots.data_ptr(),
+                   to_dtype(lora_A_slots.scalar_type()), max_rank, token_slots.data_ptr<int32_t>(),
+                   slot_ranks.data_ptr<int32_t>(), xa.data_ptr());
   return xa;
 }
 

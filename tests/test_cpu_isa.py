@@ -32,7 +32,7 @@ def test_cpu_kernels_at_each_isa(isa):
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert probe.stdout.strip() == isa, probe.stdout + probe.stderr  # the cap took effect
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-           "tests/test_quant.py", "tests/test_quant_edges.py", "tests/test_qlora_linear.py",
+           "tests/test_quant.py", "tests/test_quant_edges.py", "tests/test_qlora_linear.py", "tests/test_multi_lora.py",
            "-k", "cpu_routes or (cpu-cpu and not triton)"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
