@@ -51,7 +51,8 @@ def _cases(on_gpu: bool, quick: bool, shapes) -> list[tuple[str, tuple[int, int]
         layers = as_cases(shapes) if shapes else (GPU_QUICK_SHAPES if quick else GPU_SHAPES)
         return [(label, shape, M, adapters) for label, shape in layers for M, adapters in ((1, 1), (16, 16), (64, 64))]
     if shapes:
-        return [(label, shape, M, 16) for label, shape in as_cases(shapes) for M in (1, 16, 64)]
+        tokens = ((1, 4), (16, 4)) if quick else ((1, 16), (16, 16), (64, 16))
+        return [(label, shape, M, adapters) for label, shape in as_cases(shapes) for M, adapters in tokens]
     return CPU_QUICK_CASES if quick else CPU_CASES
 
 

@@ -11,11 +11,13 @@
 #   build        lora_kernels._C for this GPU's architecture only, MAX_JOBS=16              200 / 120
 #   gpu tests    `-m gpu` (every backend test on cuda: cuda-cuda, cuda-triton ids)         120 / 60
 #   triton tests the Triton ops' own tests (on cuda where there is one)                     90 / 60
-#   dora tests   tests/test_dora.py less its cuda-* ids (run in gpu tests): QDoRA vs PEFT  45 / 60
-#   memcheck     compute-sanitizer on a few CUDA quantize and matmul tests                  75 / 30
+#   dora tests   tests/test_dora.py, test_multi_lora.py less their cuda-* ids (run in gpu   60 / 60
+#                tests): QDoRA vs PEFT's DoRA, many adapters vs PEFT's adapter_names
+#   memcheck     compute-sanitizer on a few CUDA quantize, matmul and multi-adapter tests  75 / 30
 #   racecheck    the same for shared-memory races, fewer tests                              60 / 30
-#   bench quant  --suite quant,dora: quant at 4096x4096 and 8192x28672; dora (QDoRA vs     150 / 90
-#                our QLoRA and PEFT's DoRA) at Llama-3-8B's four shapes, M = 2048 and 8192
+#   bench quant  --suite quant,dora,multi: quant at 4096x4096 and 8192x28672; dora (QDoRA  200 / 90
+#                vs our QLoRA and PEFT's DoRA) at Llama-3-8B's four shapes, M = 2048 and 8192;
+#                multi (M = 1 / 16 / 64 rows over as many adapters vs PEFT's adapter_names)
 #   bench layer  --suite forward,train,memory --quick (M = 1, 16, 4096; train M = 8192) at the goal
 #                shapes 4096x4096 and 28672x8192: the rest of the budget, less END_RESERVE_S
 # The dry run uses the CPU backends, the Triton interpreter and tiny shapes, and compute-sanitizer
@@ -24,7 +26,7 @@
 # OUT_DIR receives at most 8 files, no deeper than OUT_DIR/bench/ (what comes back from the GPU
 # machine): summary.txt (the one-screen digest, also printed at the end), logs.tar.gz (every log,
 # rewritten after each step), and in bench/ the benchmark's JSON and Markdown per run and its two
-# PNG plots (the quant + dora run's files get a -quant-dora suffix). Commit bench/ under
+# PNG plots (the quant + dora + multi run's files get a -quant-dora suffix). Commit bench/ under
 # bench/results/ as is.
 # A benchmark stopped at its limit keeps the rows it measured (its JSON says "stopped").
 #
@@ -71,7 +73,7 @@ if [ "$DRY" = 1 ]; then
   BUDGET_S="${GPU_CHECK_BUDGET_S:-240}"
   BENCH_RESERVE_S=90
   END_RESERVE_S=15
-  CAP_PEERS=60 CAP_BUILD=120 CAP_GPU_TESTS=60 CAP_TRITON_TESTS=60 CAP_MEMCHECK=30 CAP_RACECHECK=30 CAP_DORA_TESTS=60
+  CAP_PEERS=60 CAP_BUILD=120 CAP_GPU_TESTS=60 CAP_TRITON_TESTS=60 CAP_MEMCHECK=30 CAP_RACECHECK=30 CAP_DORA_TESTS=90
   CAP_QUANT_DORA=90
   BENCH_ARGS=(--device cpu --backend cpu --quick)
   QUANT_ARGS=(--quick)
@@ -82,17 +84,18 @@ else
   MODE="GPU"
   CUDA_ID=cuda-cuda
   BUDGET_S="${GPU_CHECK_BUDGET_S:-540}"
-  # The benchmarks' share: quant + dora (about 30 + 40 s expected, capped at 150) and the layer
-  # run, which takes the rest.
-  BENCH_RESERVE_S=250
+  # The benchmarks' share: quant + dora + multi (about 30 + 40 + 40 s expected, capped at 200) and
+  # the layer run, which takes the rest.
+  BENCH_RESERVE_S=300
   END_RESERVE_S=30
-  CAP_PEERS=90 CAP_BUILD=200 CAP_GPU_TESTS=120 CAP_TRITON_TESTS=90 CAP_MEMCHECK=75 CAP_RACECHECK=60 CAP_DORA_TESTS=45
-  CAP_QUANT_DORA=150
+  CAP_PEERS=90 CAP_BUILD=200 CAP_GPU_TESTS=120 CAP_TRITON_TESTS=90 CAP_MEMCHECK=75 CAP_RACECHECK=60 CAP_DORA_TESTS=60
+  CAP_QUANT_DORA=200
   BENCH_ARGS=(--device cuda --backend cuda,triton)
   QUANT_ARGS=()
   # The goals' shapes (issue 10): Llama-3-8B's q/o projection and Llama-3-70B's gate/up projection.
   LAYER_SHAPES=4096x4096,28672x8192
-  # QDoRA (issue 11) at the dora suite's GPU default: Llama-3-8B's q/o, k/v, gate/up and down.
+  # QDoRA (issue 11) at the dora suite's GPU default: Llama-3-8B's q/o, k/v, gate/up and down; the
+  # multi suite (issue 12) at the same shapes (its goal: M = 64 over 64 adapters there).
   DORA_SHAPES=llama3-8b
   BUILD_CUDA=1
 fi
@@ -272,17 +275,19 @@ if wanted tests; then
   # need no GPU and run in CI).
   run_pytest triton_tests $CAP_TRITON_TESTS "" tests/test_triton_nf4.py tests/test_triton_nf4_matmul.py -k "not compiles"
   save_logs
-  # QDoRA's own tests: its cuda-cuda and cuda-triton ids ran in gpu_tests; the rest compare with
-  # PEFT's DoRA on bitsandbytes as installed here and check caching, merging and adapter files.
-  run_pytest dora_tests $CAP_DORA_TESTS "" tests/test_dora.py -k "not cuda-"
+  # QDoRA's and the adapter pool's own tests: their cuda-cuda and cuda-triton ids ran in gpu_tests;
+  # the rest compare with PEFT's DoRA and adapter_names on bitsandbytes as installed here and check
+  # caching, merging, slots, eviction, hot swap and adapter files.
+  run_pytest dora_tests $CAP_DORA_TESTS "" tests/test_dora.py tests/test_multi_lora.py -k "not cuda-"
   save_logs
 fi
 
 # ---- compute-sanitizer -----------------------------------------------------------------------
 if wanted sanitizer; then
   # memcheck: quantize/dequantize on ragged tails (4095, 3x1000, 65 elements) at two blocksizes,
-  # and the fused matmul at every rank and at M=17 (a partial row tile).
-  run_pytest memcheck $CAP_MEMCHECK memcheck tests/test_quant.py tests/test_qlora_linear.py -x -k "$CUDA_ID and ((bfloat16 and (4095 or 1000 or 65) and (-64- or -4096-)) or ranks or 96-128-17)"
+  # the fused matmul at every rank and at M=17 (a partial row tile), and a mixed-adapter batch
+  # (shrink, expand, the decode kernel's per-row epilogue) at M=17.
+  run_pytest memcheck $CAP_MEMCHECK memcheck tests/test_quant.py tests/test_qlora_linear.py tests/test_multi_lora.py -x -k "$CUDA_ID and ((bfloat16 and (4095 or 1000 or 65) and (-64- or -4096-)) or ranks or 96-128-17 or (multi_lora and 17))"
   save_logs
   # racecheck: quantize uses warp shuffles, dequantize and the decode kernel shared tables.
   run_pytest racecheck $CAP_RACECHECK racecheck tests/test_quant.py tests/test_qlora_linear.py -x -k "$CUDA_ID and ((bfloat16 and 4095 and -64-dq) or 96-128-3- or 96-128-17-)"
@@ -296,10 +301,10 @@ if wanted bench; then
   if [ "$lim" -lt 20 ]; then
     result bench_quant_dora 0 "NOT RUN: $(left) s of the $BUDGET_S s budget left"; fail
   else
-    # One run for both (quant first: a stop during dora keeps quant's verdicts): its JSON and
-    # Markdown, no plots (those are the forward suite's), keep OUT within 8 files. --shapes is the
-    # layer suites' only (dora here), --quick (dry run) shortens both.
-    run_bench bench_quant_dora "$WORK/bench_quant_dora" "$lim" --suite quant,dora --shapes "$DORA_SHAPES" \
+    # One run for the three (quant first: a stop during dora or multi keeps the earlier verdicts):
+    # its JSON and Markdown, no plots (those are the forward suite's), keep OUT within 8 files.
+    # --shapes is the layer suites' only (dora and multi here), --quick (dry run) shortens all.
+    run_bench bench_quant_dora "$WORK/bench_quant_dora" "$lim" --suite quant,dora,multi --shapes "$DORA_SHAPES" \
       "${BENCH_ARGS[@]}" "${QUANT_ARGS[@]}"
     for f in "$WORK"/bench_quant_dora/*; do  # the layer run writes the same stem: suffix this run's
       [ -e "$f" ] || continue

@@ -156,8 +156,11 @@ def test_dry_run(tmp_path):
     for path in runs:
         result = json.load(open(path))
         assert result["rows"] and "verdicts" in result
-        if path.endswith("-quant-dora.json"):  # one run of both suites, dora at its --shapes
-            assert {r["suite"] for r in result["rows"]} == {"quant", "dora"}, path
+        if path.endswith("-quant-dora.json"):  # one run of three suites, dora and multi at its --shapes
+            assert {r["suite"] for r in result["rows"]} == {"quant", "dora", "multi"}, path
+            multi = [r for r in result["rows"] if r["suite"] == "multi"]
+            assert {r["extra"]["shape"] for r in multi} == {"256x512"}
+            assert all(r["correct"] for r in multi if r["impl"].startswith("ours"))
             dora = [r for r in result["rows"] if r["suite"] == "dora"]
             assert {r["extra"]["shape"] for r in dora} == {"256x512"}
             assert all(r["correct"] for r in dora if r["impl"].startswith("ours"))

@@ -76,7 +76,7 @@ def _dtypes(device, backend_name):
 # ---- the op on every backend ------------------------------------------------------------------------
 @pytest.mark.parametrize("device,backend_name", backend_params() + [pytest.param("cpu", "torch", id="cpu-torch")])
 @pytest.mark.parametrize("M", [0, 1, 3, 5, 17, 70])
-def test_every_backend_matches_the_spec(device, backend_name, M, backend):
+def test_multi_lora_every_backend_matches_the_spec(device, backend_name, M, backend):
     backend(backend_name)
     interpreted = backend_name == "triton" and device == "cpu"
     if interpreted and M > 17:
