@@ -7,9 +7,13 @@ prune uses), and the shared memory the prune reads per config is what the compil
 Variants, to keep the compile count down (2 cores in CI): the fused matmul in bf16 x with plain
 and with double-quantized scales, and fp32 x with double-quantized scales (the dot on CUDA cores,
 the most registers; plain fp32 decodes a subset of it), all with LoRA and bias, forward (the only
-direction the fused kernel takes), in_features a multiple of the blocksize; quantize and
-dequantize as their launchers launch them (4 warps, Triton's default stages): quantize bf16 at
-blocksize 64 and fp32 at 4096, dequantize bf16 double-quantized and fp32 plain.
+direction the fused kernel takes), in_features a multiple of the blocksize; the same with per-row
+adapters (multi-LoRA, HAS_SLOTS: the slot loop before the K loop, no out_scale) in bf16 plain and
+fp32 double-quantized, in the configs offered to them (_SLOT_CONFIGS); quantize and dequantize as
+their launchers launch them (4 warps, Triton's default stages): quantize bf16 at blocksize 64 and
+fp32 at 4096, dequantize bf16 double-quantized and fp32 plain; multi-LoRA's shrink and expand
+(triton_ops/multi_lora.py) in bf16 and fp32 (the expand at its smallest and largest rank chunk),
+with the launchers' warps and stages.
 Pointers and sizes are compiled 16-aligned/divisible, as Triton specializes a launch on a real
 model (that is what turns the W loads into 16-byte cp.async, the staging that costs shared memory).
 """
@@ -20,7 +24,7 @@ from conftest import compile_triton_for_gpu
 pytest.importorskip("triton")
 
 ARCHS = [80, 86, 89, 90]
-MATMUL_VARIANTS = ["bf16-plain", "bf16-dq", "fp32-dq"]
+MATMUL_VARIANTS = ["bf16-plain", "bf16-dq", "fp32-dq", "bf16-plain-slots", "fp32-dq-slots"]
 
 _SCRIPT = r"""
 import os, tempfile
@@ -31,7 +35,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import triton_ops.nf4_matmul as matmul_module
-from triton_ops import quant
+from triton_ops import multi_lora, quant
 from triton_ops._nf4 import compile_options
 
 def compile_kernel(fn, signature, constexprs, arch, options, divisible):
@@ -50,9 +54,9 @@ def compile_kernel(fn, signature, constexprs, arch, options, divisible):
             "registers": int(regs[0])}
 
 def matmul(arch, variant, bn, bk, warps, stages):
-    dt, scales = variant.split("-")
+    dt, scales, *slots = variant.split("-")
     dq = scales == "dq"
-    signature, constexprs = matmul_module.compile_args(dt, dq, True, bn, bk)
+    signature, constexprs = matmul_module.compile_args(dt, dq, True, bn, bk, slots=bool(slots))
     options = {"num_warps": warps, "num_stages": stages, **compile_options(dq)}
     return compile_kernel(matmul_module._nf4_matmul_kernel.fn, signature, constexprs, arch, options,
                           {"N", "K", "row_bytes"})
@@ -69,20 +73,35 @@ def dequantize(arch, dt, dq):
         {"BS": 64, "BYTES": 1024, "DOUBLE_QUANT": dq, "INTERPRET": False}, arch,
         {"num_warps": 4, **compile_options(dq)}, {"n"})
 
+def multi(arch, kind, dt, block_r):
+    if kind == "expand":
+        signature, constexprs = multi_lora.expand_compile_args(dt, block_r)
+    else:
+        signature, constexprs = multi_lora.shrink_compile_args(dt)
+    fn = multi_lora._expand_kernel if kind == "expand" else multi_lora._shrink_kernel
+    return compile_kernel(fn, signature, constexprs, arch,
+                          {"num_warps": multi_lora.NUM_WARPS, "num_stages": multi_lora.NUM_STAGES}, {"N", "K"})
+
 def run(job):
     kind, arch, *rest = job
     if kind == "matmul":
         return matmul(arch, *rest)
     if kind == "quantize":
         return quantize(arch, *rest)
+    if kind in ("expand", "shrink"):
+        return multi(arch, kind, *rest)
     return dequantize(arch, *rest)
 
 jobs = []
 for arch in ARCHS:
     for key in matmul_module._CONFIG_SHARED_BYTES:
-        jobs += [("matmul", arch, variant, *key) for variant in MATMUL_VARIANTS]
+        # with per-row adapters only the configs offered to them (_SLOT_CONFIGS)
+        jobs += [("matmul", arch, variant, *key) for variant in MATMUL_VARIANTS
+                 if not variant.endswith("-slots") or key in matmul_module._SLOT_CONFIGS]
     jobs += [("quantize", arch, "bf16", 64), ("quantize", arch, "fp32", 4096)]
     jobs += [("dequantize", arch, "bf16", True), ("dequantize", arch, "fp32", False)]
+    jobs += [("expand", arch, dt, block_r) for dt in ("bf16", "fp32") for block_r in (16, multi_lora.MAX_BLOCK_R)]
+    jobs += [("shrink", arch, dt, multi_lora.SHRINK_BLOCK_R) for dt in ("bf16", "fp32")]
 with multiprocessing.get_context("fork").Pool(min(2, os.cpu_count() or 1)) as pool:
     results = pool.map(run, jobs, chunksize=1)
 print(json.dumps([[list(job), result] for job, result in zip(jobs, results)]))
@@ -136,7 +155,8 @@ def test_recorded_shared_memory_bounds_the_compiled(compiled):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_quant_kernels_fit_every_architecture(compiled, arch):
+def test_other_kernels_fit_every_architecture(compiled, arch):
+    """quantize, dequantize and multi-LoRA's shrink and expand: one config each, which must fit."""
     from triton_ops import nf4_matmul as matmul_module
 
     limit = matmul_module.shared_memory_limit(_capability(arch))
@@ -169,3 +189,22 @@ def test_prune_drops_what_does_not_fit(monkeypatch):
         kept = matmul_module._prune(configs, {"x_ptr": torch.empty(0)})
         assert kept == [c for c in configs if c in matmul_module.configs_for(_capability(arch))]
         assert any(matmul_module.config_shared_bytes(c) == 120 * 1024 for c in kept) == offered, arch
+
+
+def test_prune_offers_slot_configs_only_with_slots(monkeypatch):
+    """With per-row adapters the autotuner tries only _SLOT_CONFIGS (the configs compiled above in
+    the slot variants), where they fit; without them every config that fits."""
+    import torch
+
+    from triton_ops import nf4_matmul as matmul_module
+
+    monkeypatch.setattr(matmul_module, "_interpreting", lambda: False)
+    configs = matmul_module._configs()
+    assert set(matmul_module._SLOT_CONFIGS) <= set(matmul_module._CONFIG_SHARED_BYTES)
+    for arch in ARCHS:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, a=arch: _capability(a))
+        with_slots = matmul_module._prune(configs, {"x_ptr": torch.empty(0)}, HAS_SLOTS=True)
+        without = matmul_module._prune(configs, {"x_ptr": torch.empty(0)}, HAS_SLOTS=False)
+        assert with_slots and {matmul_module.config_key(c) for c in with_slots} <= set(matmul_module._SLOT_CONFIGS)
+        assert with_slots == matmul_module.configs_for(_capability(arch), slots=True)
+        assert without == matmul_module.configs_for(_capability(arch))

@@ -12,6 +12,9 @@ roundings (launched without fp fusion, see _nf4.compile_options).
     dx        (transpose=True):  out[M, cols] = x[M, rows] @ deq(W)     (K = rows, N = cols)
     epilogue: out = out_scale[N] * (out + lora_scaling * lora_left[M, r] @ lora_right[N, r].T) + bias[N]
               (out_scale fp32 or None: DoRA's column scale, applied in fp32 before the one rounding)
+    per-row adapters (multi-LoRA, forward only, no out_scale): token_slots [M] picks each row's slot t
+              (-1: none); the LoRA term is slot_scalings[t] * lora_left[m, :rank_t] @ lora_right[t, :, :rank_t].T
+              (lora_right [slots, N, R]); see multi_lora.py
 
 `dequant_gemm` (large M: training, prefill; and every transposed matmul): the Triton dequantize
 kernel writes deq(W) in x's dtype, torch.mm multiplies, the epilogue follows, as the C++ route does.
@@ -29,6 +32,11 @@ x's even and odd columns (x read contiguously and split) by two tl.dot into an f
 After the loop, the LoRA term is a second tl.dot over the rank, in BLOCK_R chunks (r padded to a
 power of two, at least 16 for tl.dot), added to the accumulator, which is then multiplied by
 out_scale (HAS_SCALE) and added the bias, and the result is rounded to x's dtype once, in the store.
+With per-row adapters (HAS_SLOTS) the LoRA term is multi_lora._slot_lora_term instead: the tile's
+distinct slots in turn, each a dot over its own rank with the other rows masked, times each row's
+scaling; it is computed first and is the accumulator's initial value (placed after the K loop, it
+kept indices live across it, and ptxas spilled). The slot configs are a subset (_SLOT_CONFIGS).
+HAS_SLOTS false compiles to the same SASS as before (three more pointer arguments, never read).
 
 Shared memory: each config's is recorded (_CONFIG_SHARED_BYTES) and the autotuner offers a config
 only on a GPU whose per-block limit it fits (SHARED_MEMORY_LIMIT, by compute capability);
@@ -54,6 +62,7 @@ import triton
 import triton.language as tl
 
 from ._nf4 import NF4_VALUES, compile_options
+from .multi_lora import _slot_lora_term, add_slot_lora
 from .quant import _block_scale, _interpreting, _round_to, dequantize_nf4, kernel_weight
 
 
@@ -96,6 +105,11 @@ _CONFIG_SHARED_BYTES = {
     (64, 64, 4, 3): 36864,
     (64, 128, 4, 3): 49152,
 }
+# The configs offered with per-row adapters (HAS_SLOTS): those that compile without a spill in both
+# slot variants on every architecture above (tests/test_triton_resources.py compiles these). The
+# others spilled 4 bytes (one index held across the K loop) in one variant on some architecture.
+_SLOT_CONFIGS = ((16, 64, 4, 3), (64, 64, 4, 3))
+SLOT_BLOCK_R = 16  # the slot term's rank chunk, at every rank (compile_args compiles it)
 BLOCK_M = 16  # every config: the route sends M <= 16 here (lora_kernels.routes.FUSED_MAX_ROWS)
 
 
@@ -105,8 +119,7 @@ def shared_memory_limit(capability: tuple[int, int]) -> int:
 
 def config_shared_bytes(config: triton.Config) -> int:
     """The recorded shared memory of one of _configs() (see _CONFIG_SHARED_BYTES)."""
-    kw = config.kwargs
-    return _CONFIG_SHARED_BYTES[(kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)]
+    return _CONFIG_SHARED_BYTES[config_key(config)]
 
 
 def _config(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -121,19 +134,29 @@ def _configs() -> list[triton.Config]:
     return [_config(*key) for key in _CONFIG_SHARED_BYTES]
 
 
-def configs_for(capability: tuple[int, int]) -> list[triton.Config]:
-    """The configs offered on a GPU of this compute capability: those whose shared memory fits."""
+def config_key(config: triton.Config) -> tuple[int, int, int, int]:
+    kw = config.kwargs
+    return kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+
+
+def _offered(config: triton.Config, limit: int, slots: bool) -> bool:
+    return config_shared_bytes(config) <= limit and (not slots or config_key(config) in _SLOT_CONFIGS)
+
+
+def configs_for(capability: tuple[int, int], slots: bool = False) -> list[triton.Config]:
+    """The configs offered on a GPU of this compute capability: those whose shared memory fits (and
+    with per-row adapters, those of _SLOT_CONFIGS)."""
     limit = shared_memory_limit(capability)
-    return [c for c in _configs() if config_shared_bytes(c) <= limit]
+    return [c for c in _configs() if _offered(c, limit, slots)]
 
 
 def _prune(configs, named_args, **kwargs):
     """Drop the configs whose shared memory exceeds the limit of the GPU that runs the launch (the
-    launcher makes x's device the current one)."""
+    launcher makes x's device the current one), and with per-row adapters those not in _SLOT_CONFIGS."""
     if _interpreting():
         return configs  # the single interpreter config
     limit = shared_memory_limit(torch.cuda.get_device_capability(named_args["x_ptr"].device))
-    kept = [c for c in configs if config_shared_bytes(c) <= limit]
+    kept = [c for c in configs if _offered(c, limit, bool(kwargs.get("HAS_SLOTS", False)))]
     if not kept:
         raise RuntimeError(f"no config of the fused NF4 matmul fits {limit} bytes of shared memory")
     return kept
@@ -141,8 +164,8 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    # the autotuner adds the tensors' dtypes to the key itself
-    key=["M_BUCKET", "N", "K", "BS"],
+    # the autotuner adds the tensors' dtypes to the key itself; HAS_SLOTS: its configs differ (_prune)
+    key=["M_BUCKET", "N", "K", "BS", "HAS_SLOTS"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -157,13 +180,16 @@ def _nf4_matmul_kernel(
     lora_right_ptr,  # [N, rank] contiguous, unused unless HAS_LORA
     bias_ptr,  # [N], unused unless HAS_BIAS
     out_scale_ptr,  # fp32 [N], unused unless HAS_SCALE
+    token_slots_ptr,  # int32 [M], the adapter slot of each row (-1: none); unused unless HAS_SLOTS
+    slot_ranks_ptr,  # int32 [slots], unused unless HAS_SLOTS
+    slot_scalings_ptr,  # fp32 [slots], unused unless HAS_SLOTS
     out_ptr,  # [M, N] contiguous, x's dtype
     M,
     N,
     K,
     row_bytes,  # K // 2: one W row in packed bytes (a separate argument, so Triton sees it divisible by 16)
     M_BUCKET,  # next power of two of M: the autotune key, so every M does not retune
-    rank,
+    rank,  # the LoRA factors' width (with HAS_SLOTS: R, the padded rank of every slot)
     lora_scaling,
     BS: tl.constexpr,
     WHOLE_BLOCKS: tl.constexpr,  # K % BS == 0: no block straddles two rows
@@ -171,6 +197,7 @@ def _nf4_matmul_kernel(
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,  # per-row adapters (multi-LoRA): lora_right is [slots, N, rank]; needs HAS_LORA
     DOT_FP32: tl.constexpr,  # main dot on fp32 operands (interpreter, or x is fp32)
     INTERPRET: tl.constexpr,  # running under TRITON_INTERPRET=1: emulate bf16 rounding
     LORA_DOT_FP32: tl.constexpr,  # LoRA dot on fp32 operands (interpreter, fp32 or mixed factors)
@@ -195,6 +222,15 @@ def _nf4_matmul_kernel(
     group_m = tl.minimum(tiles_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group_size) % group_m
     pid_n = (pid % group_size) // group_m
+    if HAS_SLOTS:
+        # Each row its own slot's adapter, at its own rank, times its own scaling (multi_lora.py),
+        # first, the K loop accumulating onto it: after the K loop (or after the K loop's setup),
+        # its slot loop kept tile indices live across loops, and ptxas spilled them (ptxas -v).
+        acc = _slot_lora_term(lora_left_ptr, lora_right_ptr, token_slots_ptr, slot_ranks_ptr, slot_scalings_ptr,
+                              pid_m * BLOCK_M, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N, rank, LORA_DOT_FP32,
+                              BLOCK_R, BLOCK_M, BLOCK_N)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -210,7 +246,6 @@ def _nf4_matmul_kernel(
     half = tl.arange(0, HALF)
     sub_k = tl.arange(0, SUB_K)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # the K loop steps over packed bytes: b0 (a multiple of BLOCK_K / 2) lets Triton prove the
     # byte loads contiguous and aligned, and load them 16 bytes at a time
     for b0 in range(0, row_bytes, BLOCK_K // 2):
@@ -249,7 +284,7 @@ def _nf4_matmul_kernel(
                 acc = tl.dot(x_even, w_even, acc)
                 acc = tl.dot(x_odd, w_odd, acc)
 
-    if HAS_LORA:
+    if HAS_LORA and not HAS_SLOTS:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -294,6 +329,9 @@ def nf4_matmul(
     lora_scaling: float = 0.0,
     bias: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
+    token_slots: torch.Tensor | None = None,
+    slot_ranks: torch.Tensor | None = None,
+    slot_scalings: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused route: out_scale * (x @ deq(W).T + lora_scaling * lora_left @ lora_right.T) + bias,
     accumulated in fp32, rounded once to x.dtype. Forward only, in_features (cols) even; any M, but
@@ -307,6 +345,11 @@ def nf4_matmul(
     transpose: must be False (the argument keeps the signature of dequant_gemm).
     lora_left: [M, r], lora_right: [rows, r], any float dtype, or both None. bias: [rows] in x.dtype
     or None. out_scale: fp32 [rows] or None. Returns [M, rows] in x.dtype.
+    Per-row adapters (multi-LoRA; no out_scale): token_slots int32 [M] (-1: no adapter),
+    slot_ranks int32 [slots], slot_scalings fp32 [slots], lora_left [M, R] (lora_shrink's output),
+    lora_right [slots, rows, R]; row m's term is slot_scalings[t] * lora_left[m, :rank_t] .
+    lora_right[t, :, :rank_t]^T, t = token_slots[m], and lora_scaling is unused. Nothing is read
+    back to the host (the launch can be captured in a CUDA graph).
     The caller validates; only the assumptions the kernel relies on are checked.
     """
     double_quant = weight[2] is not None
@@ -326,15 +369,30 @@ def nf4_matmul(
     packed, absmax, nested_absmax, nested_code, offset = kernel_weight(weight)
     interpreting = _interpreting()
 
+    has_slots = token_slots is not None
+    if has_slots:
+        assert lora_left is not None and out_scale is None
+        assert token_slots.shape == (M,) and token_slots.dtype == torch.int32 and slot_ranks.dtype == torch.int32
+        assert slot_scalings.dtype == torch.float32
+        token_slots, slot_ranks, slot_scalings = (t.contiguous() for t in (token_slots, slot_ranks, slot_scalings))
+        if lora_left.shape[1] == 0:  # every slot has rank 0: the base alone
+            has_slots, lora_left, lora_right = False, None, None
     has_lora = lora_left is not None
     if has_lora:
         lora_left = lora_left.contiguous()
         lora_right = lora_right.contiguous()
         rank = lora_left.shape[1]
-        assert lora_left.shape == (M, rank) and lora_right.shape == (N, rank)
+        assert lora_left.shape == (M, rank)
+        if has_slots:
+            assert lora_right.dim() == 3 and lora_right.shape[1:] == (N, rank) and N * rank < 2**31
+        else:
+            assert lora_right.shape == (N, rank)
         half = lora_left.dtype == lora_right.dtype and lora_left.dtype in (torch.bfloat16, torch.float16)
         lora_dot_fp32 = interpreting or not half
-        block_r = max(16, min(64, triton.next_power_of_2(rank)))  # tl.dot needs K >= 16
+        # tl.dot needs K >= 16. The slot term takes chunks of 16 at any rank: the variant that
+        # tests/test_triton_resources.py compiles spill-free (compile_args), with few registers
+        # spent beside the K loop's.
+        block_r = SLOT_BLOCK_R if has_slots else max(16, min(64, triton.next_power_of_2(rank)))
     else:
         lora_left = lora_right = x  # never read: HAS_LORA is False
         rank, lora_dot_fp32, block_r = 0, True, 16
@@ -359,6 +417,9 @@ def nf4_matmul(
         lora_right,
         bias if bias is not None else x,
         out_scale if out_scale is not None else x,  # never read when None: HAS_SCALE is False
+        token_slots if has_slots else x,  # the three never read unless HAS_SLOTS
+        slot_ranks if has_slots else x,
+        slot_scalings if has_slots else x,
         out,
         M,
         N,
@@ -373,6 +434,7 @@ def nf4_matmul(
         HAS_LORA=has_lora,
         HAS_BIAS=bias is not None,
         HAS_SCALE=out_scale is not None,
+        HAS_SLOTS=has_slots,
         DOT_FP32=interpreting or x.dtype == torch.float32,
         INTERPRET=interpreting,
         LORA_DOT_FP32=lora_dot_fp32,
@@ -394,18 +456,26 @@ def dequant_gemm(
     lora_scaling: float = 0.0,
     bias: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
+    token_slots: torch.Tensor | None = None,
+    slot_ranks: torch.Tensor | None = None,
+    slot_scalings: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The dequant_gemm route, for large M and the transposed (backward dx) matmul: W dequantized by
     the Triton kernel into a [rows, cols] buffer in x.dtype (each value rounded once, as the fused
     kernel rounds it), then torch.mm (cuBLAS on the GPU), then the epilogue as the C++ kernels' route
     has it (csrc/torch_bindings.cpp, add_epilogue): the LoRA factors in x.dtype added by addmm_, then
     the bias. A 16-bit output is rounded up to three times (GEMM, LoRA, bias). With out_scale, the
-    sum is scaled and the bias added in fp32, rounded once more.
+    sum is scaled and the bias added in fp32, rounded once more. With per-row adapters (token_slots;
+    forward only), the Triton expand kernel adds each row's term to the GEMM's output in place, in
+    fp32, rounded once, then the bias (multi_lora.add_slot_lora), as the reference does.
 
     Arguments as nf4_matmul; transposed, x is [M, rows] and the result [M, cols] (x @ deq(W)).
     """
     w = dequantize_nf4(weight, blocksize, rows * cols, x.dtype).view(rows, cols)
     out = torch.mm(x, w if transpose else w.t())
+    if token_slots is not None:
+        assert not transpose and out_scale is None and lora_left is not None
+        return add_slot_lora(out, lora_left, lora_right, token_slots, slot_ranks, slot_scalings, bias)
     if lora_left is not None and lora_left.shape[1] > 0:
         out.addmm_(lora_left.to(out.dtype), lora_right.to(out.dtype).t(), alpha=lora_scaling)
     if out_scale is not None:
@@ -416,21 +486,25 @@ def dequant_gemm(
     return out
 
 
-def compile_args(x_dtype: str, double_quant: bool, whole_blocks: bool, block_n: int, block_k: int):
+def compile_args(x_dtype: str, double_quant: bool, whole_blocks: bool, block_n: int, block_k: int,
+                 slots: bool = False):
     """(signature, constexprs) of `_nf4_matmul_kernel` for `triton.compile` on a GPU target, as the
-    launcher would pass them (x_dtype "bf16" / "fp16" / "fp32"; LoRA, out_scale and bias on): what the tests
+    launcher would pass them (x_dtype "bf16" / "fp16" / "fp32"; LoRA, out_scale and bias on; with
+    `slots`, per-row adapters instead of out_scale, which never comes with them): what the tests
     compile for sm_80 .. sm_90 without a GPU."""
     ptr = f"*{x_dtype}"
     signature = {
         "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
         "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32",
-        "lora_left_ptr": ptr, "lora_right_ptr": ptr, "bias_ptr": ptr, "out_scale_ptr": "*fp32", "out_ptr": ptr,
+        "lora_left_ptr": ptr, "lora_right_ptr": ptr, "bias_ptr": ptr, "out_scale_ptr": "*fp32",
+        "token_slots_ptr": "*i32", "slot_ranks_ptr": "*i32", "slot_scalings_ptr": "*fp32", "out_ptr": ptr,
         "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32", "M_BUCKET": "i32", "rank": "i32",
         "lora_scaling": "fp32",
     }
     constexprs = dict(
         BS=64, WHOLE_BLOCKS=whole_blocks, DOUBLE_QUANT=double_quant, HAS_LORA=True, HAS_BIAS=True,
-        HAS_SCALE=True, DOT_FP32=x_dtype == "fp32", INTERPRET=False, LORA_DOT_FP32=x_dtype == "fp32", BLOCK_R=16,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+        HAS_SCALE=not slots, HAS_SLOTS=slots, DOT_FP32=x_dtype == "fp32", INTERPRET=False,
+        LORA_DOT_FP32=x_dtype == "fp32", BLOCK_R=SLOT_BLOCK_R if slots else 16, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=8,
     )
     return signature, constexprs

@@ -4,8 +4,9 @@ forced; on the CPU under TRITON_INTERPRET=1, for testing.
 Routes (triton_ops/nf4_matmul.py): "fused", one kernel reading the packed bytes, LoRA term and bias
 in its epilogue, tiled for small M (decode), forward only, in_features even; "dequant_gemm", the
 Triton dequantize kernel into a buffer in x's dtype, then torch.mm (cuBLAS) and the epilogue, for
-large M and the backward's dx. double_quantize has no Triton kernel (numel / blocksize values): the
-reference runs it."""
+large M and the backward's dx. Both routes take per-row adapters (token_slots, multi-LoRA; forward
+only), and lora_shrink has a Triton kernel (triton_ops/multi_lora.py). double_quantize has no Triton
+kernel (numel / blocksize values): the reference runs it."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def dequantize_nf4(weight, blocksize, numel, dtype):
 
 
 def nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias, out_scale,
-               route):
+               token_slots, slot_ranks, slot_scalings, route):
     from triton_ops import nf4_matmul as kernels
 
     if route not in ROUTES:
@@ -70,7 +71,15 @@ def nf4_matmul(x, weight, blocksize, rows, cols, transpose, lora_left, lora_righ
     launch = kernels.nf4_matmul if route == "fused" else kernels.dequant_gemm
     with _on_device_of(x):
         return launch(x, weight, blocksize, rows, cols, transpose, lora_left, lora_right, lora_scaling, bias,
-                      out_scale)
+                      out_scale, token_slots, slot_ranks, slot_scalings)
 
 
-KERNELS = {"quantize_nf4": quantize_nf4, "dequantize_nf4": dequantize_nf4, "nf4_matmul": nf4_matmul}
+def lora_shrink(x, lora_A_slots, token_slots, slot_ranks):
+    from triton_ops import multi_lora
+
+    with _on_device_of(x):
+        return multi_lora.lora_shrink(x, lora_A_slots, token_slots, slot_ranks)
+
+
+KERNELS = {"quantize_nf4": quantize_nf4, "dequantize_nf4": dequantize_nf4, "nf4_matmul": nf4_matmul,
+           "lora_shrink": lora_shrink}
