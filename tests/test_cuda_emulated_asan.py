@@ -6,7 +6,10 @@ heap allocation of exactly the size the contract names, so a read or write one b
 stops the program with a report. The shapes are those of the CPU-backend tests (test_quant.py,
 test_qlora_linear.py) and the outputs are compared with lora_kernels/reference.py, called directly
 (never through the dispatcher): quantize and dequantize byte for byte, the fused matmul within the
-tolerance of test_routes.py. The scheduling shuffle draws a fresh seed each run (reported with any
+tolerance of test_routes.py. Many adapters (multi_lora.cu's shrink and expand, the fused matmul with
+per-row adapters): mixed ranks, a slot of rank 0, rows with slot -1, and every factor's entries past
+a slot's rank left out of the oracle, so reading them shows as a wrong result as well as reading past
+a buffer's tail shows as a sanitizer report. The scheduling shuffle draws a fresh seed each run (reported with any
 failure); LK_EMULATE_SEED=... reruns one order.
 
 The emulator's own checks (a missing barrier reads fresh shared memory, a shuffle outside its
@@ -36,6 +39,9 @@ BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 # |out - reference| allowed, as a fraction of the largest term entering an output (test_routes.py):
 # one rounding of the 16-bit output, and fp32 weights against the reference's 16-bit-rounded ones.
 RELATIVE_TOLERANCE = {torch.bfloat16: 4 * 2.0**-8, torch.float16: 4 * 2.0**-11}
+# The shrink and the expand: fp32 sums over K <= 256 or the rank (at most K * 2^-24 of the largest
+# term), rounded once to the output dtype (half an ulp: 2^-9 bf16, 2^-12 fp16).
+ROUNDED_ONCE = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 4e-5}
 
 UNITS = ["tests/emulate/check_kernels.cpp", "tests/emulate/selftest.cu"] + sorted(
     os.path.join("csrc", "cuda", f) for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if f.endswith(".cu"))
@@ -199,8 +205,107 @@ def _matmul_cases(root):
     return cases
 
 
+def _slot_map(rng: random.Random, g: torch.Generator, M: int, slots: int, rank: int) -> dict:
+    """token_slots [M]: rows on slot 2 (below the full rank), 0 (the full rank), -1 and 1 (rank 0), as
+    far as M allows, the rest drawn; slot_ranks [slots >= 3] (rank, 0, then 1..rank-1);
+    slot_scalings [slots]."""
+    assert slots >= 3
+    ranks = [rank, 0] + [rng.randint(1, max(1, rank - 1)) for _ in range(slots - 2)]
+    rows = ([2, 0, -1, 1] + [rng.randint(-1, slots - 1) for _ in range(M)])[:M]
+    rng.shuffle(rows)
+    return {"token_slots": torch.tensor(rows, dtype=torch.int32), "slot_ranks": torch.tensor(ranks, dtype=torch.int32),
+            "slot_scalings": torch.rand(slots, generator=g) * 4 - 2}
+
+
+def _row_terms(left, right, slots: dict):
+    """[M, N] float64: slot_scalings[t] * left[m, :r_t] . right[t, :, :r_t]^T (0 where t = -1), and
+    the same with absolute values (the largest term, for the tolerance)."""
+    M, N = left.shape[0], right.shape[1]
+    term, size = torch.zeros(M, N, dtype=torch.float64), torch.zeros(M, N, dtype=torch.float64)
+    for m, t in enumerate(slots["token_slots"].tolist()):
+        if t >= 0:
+            r, s = int(slots["slot_ranks"][t]), float(slots["slot_scalings"][t])
+            a, b = left[m, :r].double(), right[t, :, :r].double()
+            term[m], size[m] = s * (b @ a), abs(s) * (b.abs() @ a.abs())
+    return term, size
+
+
+def _multi_lora_cases(root):
+    """Many adapters: the shrink and the expand (multi_lora.cu) in each dtype, a stride rank that
+    fills the shrink's warps or not and the expand's 16-byte rows or not (3, 8, 33), 3 or 4 slots;
+    the decode kernel with per-row adapters over the padded M. Entries past a slot's rank hold 997."""
+    rng = random.Random(11)
+    cases = []
+    for index in range(12):
+        g = torch.Generator().manual_seed(100 + index)
+        dtype = [torch.bfloat16, torch.float16, torch.float32][index % 3]
+        lora_dtype = rng.choice([torch.bfloat16, torch.float16, torch.float32])
+        M, rank, slots = rng.choice([1, 3, 17]), [3, 8, 33][index // 4], rng.randint(3, 4)
+        slot = _slot_map(rng, g, M, slots, rank)
+        ranks = slot["slot_ranks"].tolist()
+        K, N = rng.choice([1, 40, 256]), rng.choice([1, 37, 300])  # 300: two column blocks of the expand
+        # the shrink: x [M, K], A [slots, rank, K]
+        x = torch.randn(M, K, generator=g).to(dtype)
+        A = torch.randn(slots, rank, K, generator=g)
+        for t, r in enumerate(ranks):
+            A[t, r:] = 997.0
+        A = A.to(lora_dtype)
+        want, size = torch.zeros(M, rank, dtype=torch.float64), torch.zeros(M, 1, dtype=torch.float64)
+        for m, t in enumerate(slot["token_slots"].tolist()):
+            if t >= 0 and ranks[t]:
+                want[m, :ranks[t]] = A[t, :ranks[t]].double() @ x[m].double()
+                size[m] = (A[t, :ranks[t]].double().abs() @ x[m].double().abs()).amax()
+        d = os.path.join(root, f"s-{index}-M{M}-K{K}-r{rank}")
+        _write(d, dict(op="shrink", dtype=DTYPES[dtype], lora_dtype=DTYPES[lora_dtype], M=M, cols=K, rank=rank,
+                       blocksize=0), {"x": x, "A": A, **slot})
+        cases.append((d, ("shrink", want, size, lora_dtype)))
+        # the expand: out [M, N] += the row's term
+        left = torch.randn(M, rank, generator=g)
+        right = torch.randn(slots, N, rank, generator=g)
+        for m, t in enumerate(slot["token_slots"].tolist()):
+            left[m, ranks[t] if t >= 0 else 0:] = 997.0
+        for t, r in enumerate(ranks):
+            right[t, :, r:] = 997.0
+        left, right = left.to(lora_dtype), right.to(lora_dtype)
+        out_in = torch.randn(M, N, generator=g).to(dtype)
+        term, size = _row_terms(left, right, slot)
+        d = os.path.join(root, f"e-{index}-M{M}-N{N}-r{rank}")
+        _write(d, dict(op="expand", dtype=DTYPES[dtype], lora_dtype=DTYPES[lora_dtype], M=M, rows=N, rank=rank,
+                       blocksize=0), {"out_in": out_in, "lora_left": left, "lora_right": right, **slot})
+        cases.append((d, ("expand", out_in, term, size, dtype)))
+    for index, M in enumerate((1, 2, 3, 5, 9, 16)):
+        g = torch.Generator().manual_seed(200 + index)
+        rows, cols = rng.choice([(40, 128), (33, 256), (7, 64)])
+        dtype = rng.choice([torch.bfloat16, torch.float16])
+        lora_dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
+        rank, slots = rng.choice([3, 8, 33]), rng.randint(3, 4)
+        slot = _slot_map(rng, g, M, slots, rank)
+        ranks = slot["slot_ranks"].tolist()
+        q = reference.quantize_nf4(torch.randn(rows * cols, generator=g) / cols**0.5, 64, True)
+        x = torch.randn(M, cols, generator=g).to(dtype)
+        left = torch.randn(M, rank, generator=g)
+        right = torch.randn(slots, rows, rank, generator=g) * 0.1
+        for m, t in enumerate(slot["token_slots"].tolist()):
+            left[m, ranks[t] if t >= 0 else 0:] = 997.0
+        for t, r in enumerate(ranks):
+            right[t, :, r:] = 997.0
+        left, right = left.to(lora_dtype), right.to(lora_dtype)
+        b = torch.randn(rows, generator=g).to(dtype)
+        wd = reference.dequantize_nf4(q["packed"], q["absmax"], (rows, cols), dtype, 64, q.get("nested_absmax"),
+                                      reference.dynamic_map(), q.get("offset")).double()
+        term, size = _row_terms(left, right, slot)
+        expected = x.double() @ wd.t() + term + b.double()
+        scale = max(float((x.double().abs() @ wd.abs().t()).amax()), float(size.amax()), float(b.double().abs().amax()))
+        d = os.path.join(root, f"ms-{index}-M{M}-{rows}x{cols}-r{rank}")
+        _write(d, dict(op="matmul", dtype=DTYPES[dtype], M=M, rows=rows, cols=cols, blocksize=64, rank=rank,
+                       lora_dtype=DTYPES[lora_dtype], lora_scaling=0, double_quant=1),
+               {"x": x, "packed": q["packed"], **_scales(q), "lora_left": left, "lora_right": right, "bias": b, **slot})
+        cases.append((d, ("matmul", expected, scale, dtype)))
+    return cases
+
+
 def test_kernels_under_sanitizers_match_reference(program, tmp_path):
-    cases = _quant_cases(str(tmp_path)) + _matmul_cases(str(tmp_path))
+    cases = _quant_cases(str(tmp_path)) + _matmul_cases(str(tmp_path)) + _multi_lora_cases(str(tmp_path))
     seed = random.randrange(2**63)
     run = _run(program, [d for d, _ in cases], seed)
     assert run.returncode == 0 and "ERROR" not in run.stderr, f"LK_EMULATE_SEED={seed}\n{run.stdout}\n{run.stderr}"
@@ -213,6 +318,21 @@ def test_kernels_under_sanitizers_match_reference(program, tmp_path):
         elif check[0] == "dequantize":
             want = check[1]
             assert torch.equal(_read(d, "out", want.dtype, want.numel()), want), what
+        elif check[0] == "shrink":
+            _, want, size, dtype = check
+            got = _read(d, "out", dtype, want.numel()).view(want.shape).double()
+            zero = want == 0  # past the row's rank, and rows without an adapter: zeros, exactly
+            assert torch.equal(got[zero], want[zero]), what
+            err = ((got - want).abs() / size.clamp_min(1e-30)).amax().item()
+            assert err <= ROUNDED_ONCE[dtype], f"{what}: relative error {err:.3g}"
+        elif check[0] == "expand":
+            _, out_in, term, size, dtype = check
+            got = _read(d, "out", dtype, out_in.numel()).view(out_in.shape)
+            untouched = (term == 0).all(dim=1)  # rows without a term stay as they were, bit for bit
+            assert torch.equal(got[untouched], out_in[untouched]), what
+            want = out_in.double() + term
+            err = ((got.double() - want).abs() / (out_in.double().abs() + size)).amax().item()
+            assert err <= ROUNDED_ONCE[dtype], f"{what}: relative error {err:.3g}"
         else:
             _, expected, scale, dtype = check
             got = _read(d, "out", dtype, expected.numel()).view(expected.shape).double()

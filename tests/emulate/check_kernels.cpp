@@ -8,10 +8,16 @@
 //                               as raw files; the outputs are written beside them
 //   check_kernels --selftest    the emulator's own checks (tests/emulate/selftest.cu)
 //
-// spec keys: op (quantize | dequantize | matmul), dtype (bf16 | fp16 | fp32), n, blocksize,
-// offset (quantize: elements of padding before w, to run the unaligned kernel), M, rows, cols,
-// rank, lora_dtype, lora_scaling, double_quant (0 | 1). A matmul's optional inputs are there when
-// their files are: lora_left.bin + lora_right.bin, bias.bin (the output dtype), out_scale.bin (fp32 [rows]).
+// spec keys: op (quantize | dequantize | matmul | shrink | expand), dtype (bf16 | fp16 | fp32), n,
+// blocksize, offset (quantize: elements of padding before w, to run the unaligned kernel), M, rows,
+// cols, rank, lora_dtype, lora_scaling, double_quant (0 | 1). A matmul's optional inputs are there
+// when their files are: lora_left.bin + lora_right.bin, bias.bin (the output dtype), out_scale.bin
+// (fp32 [rows]); with token_slots.bin (int32 [M]) + slot_ranks.bin (int32 [slots]) + slot_scalings.bin
+// (fp32 [slots]) the LoRA factors are per-row adapters (lora_right [slots, rows, rank]).
+// Many adapters (multi_lora.cu), the same slot files: shrink reads x.bin ([M, cols] of dtype) and
+// A.bin ([slots, rank, cols] of lora_dtype) and writes xa to out.bin ([M, rank] of lora_dtype);
+// expand adds the per-row term of lora_left.bin [M, rank] and lora_right.bin [slots, rows, rank] to
+// out_in.bin ([M, rows] of dtype) and writes the sum to out.bin.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -111,6 +117,20 @@ struct Scales {
   }
 };
 
+// Per-row adapters: the slot map, ranks and scalings a case holds, set on `epi` (none: left as is).
+struct Slots {
+  Buffer token_slots, slot_ranks, slot_scalings;
+  Slots(const std::string& dir, lora_kernels::Epilogue& epi) {
+    if (!exists(join(dir, "token_slots.bin"))) return;
+    token_slots = load(join(dir, "token_slots.bin"));
+    slot_ranks = load(join(dir, "slot_ranks.bin"));
+    slot_scalings = load(join(dir, "slot_scalings.bin"));
+    epi.token_slots = reinterpret_cast<const int32_t*>(token_slots.data);
+    epi.slot_ranks = reinterpret_cast<const int32_t*>(slot_ranks.data);
+    epi.slot_scalings = reinterpret_cast<const float*>(slot_scalings.data);
+  }
+};
+
 int run_case(const std::string& dir) {
   auto spec = read_spec(dir);
   const std::string op = spec["op"];
@@ -155,6 +175,7 @@ int run_case(const std::string& dir) {
       epi.rank = std::atoll(spec["rank"].c_str());
       epi.lora_scaling = std::strtof(spec["lora_scaling"].c_str(), nullptr);
     }
+    Slots slots(dir, epi);
     if (exists(join(dir, "bias.bin"))) {
       bias = load(join(dir, "bias.bin"));
       epi.bias = bias.data;
@@ -165,6 +186,29 @@ int run_case(const std::string& dir) {
     }
     Buffer out(M * w.rows * element_size(dtype));
     err = lora_kernels::cuda::nf4_matmul_fused(x.data, dtype, M, w, epi, out.data, nullptr);
+    store(join(dir, "out.bin"), out);
+  } else if (op == "shrink") {
+    const int64_t M = std::atoll(spec["M"].c_str()), K = std::atoll(spec["cols"].c_str());
+    const int64_t rank = std::atoll(spec["rank"].c_str());
+    const DType a_dtype = dtype_of(spec["lora_dtype"]);
+    Buffer x = load(join(dir, "x.bin")), A = load(join(dir, "A.bin"));
+    lora_kernels::Epilogue epi;
+    Slots slots(dir, epi);
+    Buffer xa(M * rank * element_size(a_dtype));
+    err = lora_kernels::cuda::lora_shrink(x.data, dtype, M, K, A.data, a_dtype, rank, epi.token_slots, epi.slot_ranks,
+                                          xa.data, nullptr);
+    store(join(dir, "out.bin"), xa);
+  } else if (op == "expand") {
+    const int64_t M = std::atoll(spec["M"].c_str()), N = std::atoll(spec["rows"].c_str());
+    Buffer out = load(join(dir, "out_in.bin")), left = load(join(dir, "lora_left.bin"));
+    Buffer right = load(join(dir, "lora_right.bin"));
+    lora_kernels::Epilogue epi;
+    epi.lora_left = left.data;
+    epi.lora_right = right.data;
+    epi.lora_dtype = dtype_of(spec["lora_dtype"]);
+    epi.rank = std::atoll(spec["rank"].c_str());
+    Slots slots(dir, epi);
+    err = lora_kernels::cuda::lora_expand(out.data, dtype, M, N, epi, nullptr);
     store(join(dir, "out.bin"), out);
   } else {
     std::fprintf(stderr, "check_kernels: %s: unknown op '%s'\n", dir.c_str(), op.c_str());

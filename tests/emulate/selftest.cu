@@ -35,7 +35,10 @@ __global__ void warp_shuffles(int* out) {
   out[base + 4] = __shfl_xor_sync(0xffffffffu, lane, 8, 8);  // width 8: an earlier segment's lane, or its own
 }
 
-__global__ void shuffle_mask_omits_caller(int* out) { out[threadIdx.x] = __shfl_xor_sync(0xfffffffeu, 1, 1); }
+// Every lane of the mask reads lane 1, inside it: lane 0's own call is the only error, whatever order
+// the lanes run in (with __shfl_xor_sync(..., 1) lane 1 would read lane 0, a second error, reported
+// first when lanes 1..31 happen to run before lane 0).
+__global__ void shuffle_mask_omits_caller(int* out) { out[threadIdx.x] = __shfl_sync(0xfffffffeu, 1, 1); }
 
 __global__ void shuffle_reads_outside_mask(int* out) {
   if (threadIdx.x < 16) out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1, 16);
