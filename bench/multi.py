@@ -119,7 +119,7 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
     on_gpu = device.type == "cuda"
     todo = _cases(on_gpu, quick, shapes)
     budget = (0.2 if quick else 0.5) if on_gpu else (0.3 if quick else 1.0)
-    expect(log, len(todo))
+    expect(log, len(todo) + (0 if quick or shapes else 1))
     backend = main_backend(our_backends(device, wanted, log)) or "torch"
     rows, goals = ([] if rows is None else rows), []
     built = {}
@@ -171,7 +171,151 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
         paired = _paired(rows, device, budget, backend, case, fns)
         goals += _goals(device, case, M, distinct, backend, times, paired, rows)
         advance(log, case)
+    if not quick and not shapes:
+        with using_backend(backend):
+            _decode(rows, log, device, goals, backend)
     return rows, goals
+
+
+# ---- a real model's decode: SmolLM2-135M-Instruct ---------------------------------------------------
+DECODE_ROWS = ["a0", "a1", "a2", "a3", None, "a0", "a1", "a2"]  # 8 rows over 4 adapters and the base
+DECODE_PROMPT, DECODE_NEW, DECODE_CHECKED = 16, 16, 4  # prompt tokens a row, tokens generated, tokens checked
+
+
+def _example(name: str):
+    """An examples/ module of this repository (the SmolLM2 loader lives there, as the examples use it)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _decode(rows, log, device, goals, backend):
+    """SmolLM2-135M (210 linear layers) swapped to NF4, 4 random rank-16 adapters: greedy generation of
+    DECODE_NEW tokens for 8 rows of DECODE_PROMPT tokens over the 4 adapters and the base (ours,
+    AdapterPool), the same batch on one adapter (ours), and PEFT's adapter_names on bitsandbytes
+    Linear4bit layers holding the same bytes with the same adapters. The check before timing: each
+    row's first DECODE_CHECKED tokens equal those of the row generated alone by the same model."""
+    import copy
+
+    case = f"{SUITE} SmolLM2-135M decode 8 rows over 4 adapters + base"
+    try:
+        tokenizer, dense = _example("smollm2_qdora").load_smollm2()
+    except (Exception, SystemExit) as exc:
+        log(f"{case} skipped: SmolLM2 not available here ({type(exc).__name__}: {exc})")
+        return
+    dense = dense.to(device)
+    model = dense
+    lora_kernels.replace_linear(model, r=RANK, lora_alpha=ALPHA, compute_dtype=torch.bfloat16, progress=False)
+    layers = lora_kernels.modules.lora_layers(model)
+    adapters = {}
+    for i in range(4):
+        g = torch.Generator().manual_seed(200 + i)
+        adapters[f"a{i}"] = {key: t for name, layer in layers.items() for key, t in (
+            (f"{name}.lora_A", torch.randn(RANK, layer.in_features, generator=g) / layer.in_features**0.5),
+            (f"{name}.lora_B", torch.randn(layer.out_features, RANK, generator=g) * 0.02))}
+    peft_model = _peft_decode(copy.deepcopy(model), adapters, log, case)
+    pool = lora_kernels.AdapterPool(model, max_adapters=4, max_rank=RANK)
+    for name, sd in adapters.items():
+        pool.load(name, sd, lora_alpha=ALPHA)
+    with open(_example("smollm2_qdora").DATA, encoding="utf-8") as f:
+        ids = tokenizer(f.read(), return_tensors="pt").input_ids[0]
+    prompts = torch.stack([ids[i * DECODE_PROMPT:(i + 1) * DECODE_PROMPT] for i in range(len(DECODE_ROWS))]).to(device)
+
+    def generate(m, x, **kwargs):
+        return m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=DECODE_NEW, min_new_tokens=DECODE_NEW,
+                          do_sample=False, pad_token_id=tokenizer.eos_token_id, **kwargs)[:, DECODE_PROMPT:]
+
+    def ours(names):
+        with pool.use(names):
+            return generate(model, prompts)
+
+    def ours_alone(i):
+        with pool.use([DECODE_ROWS[i]]):
+            return generate(model, prompts[i:i + 1])
+
+    def one_alone(i):
+        with pool.use(["a0"]):
+            return generate(model, prompts[i:i + 1])
+
+    impls = [(f"ours:{backend} multi", lambda: ours(DECODE_ROWS), ours_alone),
+             (f"ours:{backend} {ONE_ADAPTER}", lambda: ours(["a0"] * len(DECODE_ROWS)), one_alone)]
+    if peft_model is not None:
+        names = [n or "__base__" for n in DECODE_ROWS]
+        impls.append((PEFT_NAMES, lambda: generate(peft_model, prompts, adapter_names=names),
+                      lambda i: generate(peft_model, prompts[i:i + 1], adapter_names=[names[i]])))
+    tokens = len(DECODE_ROWS) * DECODE_NEW
+    times, fns = {}, {}
+    for impl, fn, alone in impls:
+        def check(out, alone=alone):
+            want = torch.cat([alone(i)[:, :DECODE_CHECKED] for i in range(len(DECODE_ROWS))])
+            return "" if torch.equal(out[:, :DECODE_CHECKED], want) else (
+                f"rows {[i for i in range(len(want)) if not torch.equal(out[i, :DECODE_CHECKED], want[i])]} differ "
+                f"from the row generated alone")
+        with torch.no_grad():
+            row = measure(rows, log, device, 4.0, case, impl, fn, check, suite=SUITE, ours=impl.startswith("ours"),
+                          warmup=1, note=f"{tokens} tokens a call (greedy)",
+                          extra=dict(model="SmolLM2-135M", M=len(DECODE_ROWS), rank=RANK, adapters=4))
+        if row is not None and row.correct:
+            row.extra["tokens_per_s"] = tokens / (row.ms * 1e-3)
+            times[impl] = row.ms
+            if impl.startswith("ours"):
+                fns[impl] = fn
+    where = "GPU" if device.type == "cuda" else "CPU"
+    multi, one = times.get(f"ours:{backend} multi"), times.get(f"ours:{backend} {ONE_ADAPTER}")
+    if device.type == "cpu" and len(fns) == 2:  # interleaved, as the layer cases' ratio
+        with torch.no_grad():
+            paired = {k: statistics.median(v) for k, v in time_paired(fns, 10.0, min_rounds=3, warmup=0).items()}
+        multi, one = paired[f"ours:{backend} multi"], paired[f"ours:{backend} {ONE_ADAPTER}"]
+        for row in rows:
+            if row.case == case and row.impl in paired:
+                row.extra["paired_ms"] = paired[row.impl]
+    if multi and one:
+        goals.append(dict(goal=f"{where} {case}: tokens/s >= 0.8x the same batch on one adapter"
+                               f"{' (interleaved timing)' if device.type == 'cpu' else ''}",
+                          met=one / multi >= 0.8, figure=f"{one / multi:.2f}x ({tokens / multi * 1e3:.1f} vs "
+                                                         f"{tokens / one * 1e3:.1f} tokens/s)"))
+    peft = times.get(PEFT_NAMES)
+    if multi and peft:
+        goals.append(dict(goal=f"{where} {case}: tokens/s >= 2x PEFT adapter_names on bitsandbytes",
+                          met=peft / multi >= 2, figure=f"{peft / multi:.2f}x ({tokens / multi * 1e3:.1f} vs "
+                                                        f"{tokens / peft * 1e3:.1f} tokens/s)"))
+    advance(log, case)
+
+
+def _peft_decode(model, adapters, log, case):
+    """The swapped model as bitsandbytes Linear4bit layers (the same bytes) with PEFT's LoRA, every
+    adapter added, eval mode; None with a printed line where it cannot be built."""
+    try:
+        import peft
+        from peft import set_peft_model_state_dict
+
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:
+        log(f"{PEFT_NAMES} skipped on {case}: {type(exc).__name__}: {exc}")
+        return None
+    try:
+        lora_kernels.to_bnb_model(model)
+        model.is_loaded_in_4bit = True  # what transformers sets: PEFT then uses its bnb 4-bit layers
+        config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear")
+        pm = None
+        for name, sd in adapters.items():
+            if pm is None:
+                pm = peft.get_peft_model(model, config, adapter_name=name)
+            else:
+                pm.add_adapter(name, config)
+            state = {f"base_model.model.{k}.weight": v for k, v in sd.items()}
+            result = set_peft_model_state_dict(pm, state, adapter_name=name)
+            if getattr(result, "unexpected_keys", None):
+                raise RuntimeError(f"PEFT did not take {result.unexpected_keys[:2]}")
+        return pm.eval()
+    except Exception as exc:
+        log(f"{PEFT_NAMES} skipped on {case}: cannot build it here: {type(exc).__name__}: {exc}")
+        return None
 
 
 def _spec(x, w_deq, adapters, slot_of_row, rank):
