@@ -451,7 +451,8 @@ at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_A_slots, 
     return xa;
   }
   at::Tensor xa = at::empty({M, max_rank}, lora_A_slots.options());
-  cpu::lora_shrink(x.data_ptr(), to_dtype(x.scalar_type()), M, x.size(1), lora_A_slots.data_ptr(),
+  const at::Tensor x32 = x.to(at::kFloat);  // ATen's vectorized cast, once; the kernel reads fp32 rows
+  cpu::lora_shrink(x32.data_ptr(), DType::kFP32, M, x.size(1), lora_A_slots.data_ptr(),
                    to_dtype(lora_A_slots.scalar_type()), max_rank, token_slots.data_ptr<int32_t>(),
                    slot_ranks.data_ptr<int32_t>(), xa.data_ptr());
   return xa;
