@@ -166,10 +166,10 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
                               suite=SUITE, ours=ours, extra=extra, note="eval, no grad", **costs)
             if row is not None and row.correct:
                 times[impl] = row.ms
-                if ours:
-                    fns[impl] = fn
+                fns[impl] = fn
         paired = _paired(rows, device, budget, backend, case, fns)
-        goals += _goals(device, case, M, distinct, backend, times, paired, rows)
+        warm = _warm(rows, device, budget, case, fns)
+        goals += _goals(device, case, M, distinct, backend, times, paired, rows, warm)
         advance(log, case)
     if not quick and not shapes:
         with using_backend(backend):
@@ -344,7 +344,22 @@ def _paired(rows, device, budget, backend, case, fns) -> dict | None:
     return medians
 
 
-def _goals(device, case, M, distinct, backend, times, paired, rows) -> list[dict]:
+def _warm(rows, device, budget, case, fns) -> dict | None:
+    """On the CPU, every implementation (each already checked and timed cold) timed again warm, the
+    calls interleaved: how the issue measured its yardsticks (one call a row, PEFT), and the fair
+    measure against one call a row, whose cold timing flushes the cache once for its M calls (rows
+    after the first find W cached). Medians by impl, also kept in the rows' extra["warm_ms"]."""
+    if device.type != "cpu" or len(fns) < 2:
+        return None
+    with torch.no_grad():
+        medians = {k: statistics.median(v) for k, v in time_paired(fns, 2 * budget, cold=False).items()}
+    for row in rows:
+        if row.case == case and row.impl in medians:
+            row.extra["warm_ms"] = medians[row.impl]
+    return medians
+
+
+def _goals(device, case, M, distinct, backend, times, paired, rows, warm=None) -> list[dict]:
     where = "GPU" if device.type == "cuda" else "CPU"
     multi_key, one_key = f"ours:{backend} multi", f"ours:{backend} {ONE_ADAPTER}"
     multi = times.get(multi_key)
@@ -363,12 +378,18 @@ def _goals(device, case, M, distinct, backend, times, paired, rows) -> list[dict
         if m and one and M == 16 and distinct == 16:
             ratio_goal(f"16 rows over 16 adapters <= 1.3x the same rows on one adapter{interleaved}",
                        lambda a, b: a <= 1.3 * b, m, one)
-        loop, peft = times.get(f"ours:{backend} {ONE_CALL_A_ROW}"), times.get(PEFT_NAMES)
-        if multi and loop and M == 16 and distinct == 16:
-            ratio_goal("multi >= 4x faster than one call a row", lambda a, b: a >= 4 * b, loop, multi)
-        if multi and peft and M in (16, 64) and distinct == 16:
-            need = 1.5 if M == 16 else 3.0
-            ratio_goal(f"multi >= {need}x faster than PEFT adapter_names", lambda a, b: a >= need * b, peft, multi)
+        # against the loop and PEFT: warm and interleaved (the issue's measure), the cold ratio beside it
+        fast = warm or times
+        label = " (warm caches, interleaved)" if warm else ""
+        for other, need, applies in ((ONE_CALL_A_ROW, 4.0, M == 16), (PEFT_NAMES, 1.5 if M == 16 else 3.0,
+                                                                         M in (16, 64))):
+            key = other if other == PEFT_NAMES else f"ours:{backend} {other}"
+            a, b = fast.get(key), fast.get(multi_key)
+            if not (a and b and applies and distinct == 16):
+                continue
+            cold = f"; cold {times[key] / times[multi_key]:.2f}x" if warm and key in times and multi else ""
+            goals.append(dict(goal=f"{where} {case}: multi >= {need:g}x faster than {other}{label}",
+                              met=a >= need * b, figure=f"{a / b:.2f}x ({b:.3f} ms vs {a:.3f} ms{cold})"))
         return goals
     if multi and M == 64 and distinct == 64:
         row = next(r for r in rows if r.case == case and r.impl == multi_key)
