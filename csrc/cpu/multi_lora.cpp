@@ -100,39 +100,33 @@ LK_TARGET_AVX512 void dots_avx512(const void* a, DType dtype, const float* const
   }
   for (int i = 0; i < count; ++i) result[i] = _mm512_reduce_add_ps(acc[i]);
 }
+#endif
 
-// out[m, n] += scaling . left[m, :r] . B[t, n, :r] for n in [first, last), each row's own term, the
-// dot product inlined (a call a column costs more than the arithmetic at r = 16).
+// out[m, n] += scaling . left[m, :r] . B[t, n, :r] for n in [first, last), each row's own term. The
+// dot product is a template argument, so it is inlined in the column loop (a call a column costs
+// more than the arithmetic at r = 16); always inlined into each ISA's caller, which compiles it.
+template <typename T, float (*Dot)(const float*, const void*, DType, int64_t)>
+__attribute__((always_inline)) inline void expand_range(T* out, int64_t M, int64_t N, const Epilogue& epi,
+                                                        const float* left, int64_t first, int64_t last) {
+  const int64_t elt = dtype_size(epi.lora_dtype);
+  for (int64_t m = 0; m < M; ++m) {
+    const RowLora term = row_lora(epi, m, N);
+    if (term.rank == 0) continue;
+    for (int64_t n = first; n < last; ++n) {
+      const void* b_row = static_cast<const char*>(term.right) + n * epi.rank * elt;
+      const float dot = Dot(left + m * epi.rank, b_row, epi.lora_dtype, term.rank);
+      out[m * N + n] = static_cast<T>(static_cast<float>(out[m * N + n]) + term.scaling * dot);
+    }
+  }
+}
+
+#if defined(__x86_64__)
 template <typename T>
 LK_TARGET_AVX512 void expand_avx512(T* out, int64_t M, int64_t N, const Epilogue& epi, const float* left,
                                     int64_t first, int64_t last) {
-  const int64_t elt = dtype_size(epi.lora_dtype);
-  for (int64_t m = 0; m < M; ++m) {
-    const RowLora term = row_lora(epi, m, N);
-    if (term.rank == 0) continue;
-    for (int64_t n = first; n < last; ++n) {
-      const void* b_row = static_cast<const char*>(term.right) + n * epi.rank * elt;
-      const float dot = dot_avx512(left + m * epi.rank, b_row, epi.lora_dtype, term.rank);
-      out[m * N + n] = static_cast<T>(static_cast<float>(out[m * N + n]) + term.scaling * dot);
-    }
-  }
+  expand_range<T, dot_avx512>(out, M, N, epi, left, first, last);
 }
 #endif
-
-template <typename T>
-void expand_scalar(T* out, int64_t M, int64_t N, const Epilogue& epi, const float* left, int64_t first,
-                   int64_t last) {
-  const int64_t elt = dtype_size(epi.lora_dtype);
-  for (int64_t m = 0; m < M; ++m) {
-    const RowLora term = row_lora(epi, m, N);
-    if (term.rank == 0) continue;
-    for (int64_t n = first; n < last; ++n) {
-      const void* b_row = static_cast<const char*>(term.right) + n * epi.rank * elt;
-      const float dot = dot_scalar(left + m * epi.rank, b_row, epi.lora_dtype, term.rank);
-      out[m * N + n] = static_cast<T>(static_cast<float>(out[m * N + n]) + term.scaling * dot);
-    }
-  }
-}
 
 template <typename T>
 void expand_typed(T* out, int64_t M, int64_t N, const Epilogue& epi, const float* left) {
@@ -147,7 +141,7 @@ void expand_typed(T* out, int64_t M, int64_t N, const Epilogue& epi, const float
 #if defined(__x86_64__)
     if (avx512) return expand_avx512(out, M, N, epi, left, first, last);
 #endif
-    expand_scalar(out, M, N, epi, left, first, last);
+    expand_range<T, dot_scalar>(out, M, N, epi, left, first, last);
   });
 }
 
