@@ -57,7 +57,8 @@ struct Nf4Matrix {
 // LoRA term of row m comes from the adapter in slot t = token_slots[m] (int32 [M]; -1: none, the
 // base alone), with that slot's own rank and scaling:
 //   slot_scalings[t] * sum_{j < slot_ranks[t]} lora_left[m, j] * lora_right[t, n, j]
-// lora_left [M, rank] (the shrink, x . A_t^T, zero past the row's rank), lora_right [slots, N, rank]
+// lora_left [M, rank] (the shrink, x . A_t^T; only row m's first slot_ranks[t] columns are read),
+// lora_right [slots, N, rank]
 // (rank = the pool's largest, the stride), slot_ranks int32 [slots] (0 <= rank), slot_scalings fp32
 // [slots]; lora_scaling is unused. Work past a slot's own rank is skipped, not multiplied by zeros.
 struct Epilogue {

@@ -125,6 +125,31 @@ def test_both_routes_every_row_kind(device, backend_name, route, backend):
     assert torch.equal(got[1:3], base[1:3])
 
 
+@pytest.mark.parametrize("device,backend_name", [p for p in backend_params() if p.values[0] == "cpu"])
+@pytest.mark.parametrize("route", ["fused", "dequant_gemm"])
+def test_slot_epilogue_reads_only_each_rows_rank(device, backend_name, route, backend):
+    """nf4_matmul with token_slots, called directly: left and B hold large values past each slot's
+    rank (the shrink writes zeros there, which would hide a kernel that reads past the rank: wasted
+    work the issue forbids, and wrong where the caller's left is not zero there). Only the first
+    rank_t columns may count, as in the spec (backends/torch.py)."""
+    from lora_kernels.backends import torch as spec_backend
+
+    dtype = torch.float32 if backend_name == "triton" else torch.bfloat16
+    q, x, _, b, scalings, _, _, bias = _problem(4, 40, 64, 3, 8, dtype, seed=11)
+    ranks = torch.tensor([8, 0, 2], dtype=torch.int32)
+    token_slots = torch.tensor([2, 0, 1, -1], dtype=torch.int32)
+    left = torch.randn(4, 8, generator=torch.Generator().manual_seed(12)).to(dtype)
+    b = b.clone()
+    b[2, :, 2:] = 1000.0
+    left[0, 2:] = 1000.0  # row 0 is on slot 2, of rank 2
+    args = (x, q.tensors, q.blocksize, *q.shape, False, left, b, 0.0, bias, None, token_slots, ranks, scalings)
+    want = spec_backend.nf4_matmul(*args, "dequant_gemm")
+    backend(backend_name)
+    got = torch.ops.lora_kernels.nf4_matmul(*args, route)
+    scale = want.float().abs().max().item()
+    assert (got.float() - want.float()).abs().max().item() <= 4 * ULP[dtype] * scale + 64 * 2.0**-24 * scale
+
+
 def test_lora_shrink_zero_fills_and_rounds_once(backend):
     """xa past each row's rank and on base rows is exactly zero; inside it, x . A^T rounded once."""
     q, x, a, b, scalings, ranks, token_slots, _ = _problem(9, 40, 64, 3, 8, torch.bfloat16, seed=5)
