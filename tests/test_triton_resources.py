@@ -100,7 +100,7 @@ for arch in ARCHS:
                  if not variant.endswith("-slots") or key in matmul_module._SLOT_CONFIGS]
     jobs += [("quantize", arch, "bf16", 64), ("quantize", arch, "fp32", 4096)]
     jobs += [("dequantize", arch, "bf16", True), ("dequantize", arch, "fp32", False)]
-    jobs += [("expand", arch, dt, block_r) for dt in ("bf16", "fp32") for block_r in (16, multi_lora.MAX_BLOCK_R)]
+    jobs += [("expand", arch, dt, block_r) for dt in ("bf16", "fp32") for block_r in sorted({16, multi_lora.MAX_BLOCK_R})]
     jobs += [("shrink", arch, dt, multi_lora.SHRINK_BLOCK_R) for dt in ("bf16", "fp32")]
 with multiprocessing.get_context("fork").Pool(min(2, os.cpu_count() or 1)) as pool:
     results = pool.map(run, jobs, chunksize=1)

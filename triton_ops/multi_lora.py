@@ -38,7 +38,10 @@ SHRINK_BLOCK_K = 64
 # Shrink: rank blocks of 16, the least tl.dot takes: a decode step (M = 1) gets R / 16 programs, not
 # one walking all of K, and the fp32 variant keeps its registers (BLOCK_R = 64 spilled on sm_80).
 SHRINK_BLOCK_R = 16
-MAX_BLOCK_R = 32  # the expand's rank chunk: at 64 it took 168-255 registers (ptxas -v, sm_80 .. sm_90)
+# The expand's rank chunk: at 64 it took 168-255 registers (ptxas -v, sm_80 .. sm_90); at 32 the fp32
+# variant spilled 8 bytes on sm_90 under Triton 3.6 (the GPU machine's); 16, as the fused kernel's slot
+# term, fits everywhere.
+MAX_BLOCK_R = 16
 NUM_WARPS = 4
 NUM_STAGES = 2  # the rank (or K) loop is nested in the slot loop; two stages bound its shared memory
 
