@@ -326,23 +326,22 @@ at::Tensor dequant_gemm(const at::Tensor& x, const MatmulCall& c, const at::Tens
 }
 
 #if !defined(LK_EMULATED_EXTENSION)  // the CPU kernels group rows by slot on host memory
-// The rows of each slot, from a token_slots the caller has checked (a host tensor): [slot] -> rows.
-std::vector<std::vector<int64_t>> rows_by_slot(const at::Tensor& token_slots, int64_t slots) {
+// The rows of each slot ([slot] -> rows), from host tensors, every value checked on the way: each
+// token_slots entry is -1 or a slot, each slot's rank within 0..max_rank (the kernels trust them).
+std::vector<std::vector<int64_t>> checked_rows_by_slot(const at::Tensor& token_slots, const at::Tensor& slot_ranks,
+                                                       int64_t slots, int64_t max_rank) {
+  const int32_t* ranks = slot_ranks.data_ptr<int32_t>();
+  for (int64_t t = 0; t < slots; ++t)
+    TORCH_CHECK(ranks[t] >= 0 && ranks[t] <= max_rank, "lora_kernels: slot ", t, " has rank ", ranks[t],
+                ", outside 0..", max_rank);
   std::vector<std::vector<int64_t>> rows(static_cast<size_t>(slots));
-  const int32_t* t = token_slots.data_ptr<int32_t>();
+  const int32_t* slot_of = token_slots.data_ptr<int32_t>();
   for (int64_t m = 0; m < token_slots.numel(); ++m) {
-    TORCH_CHECK(t[m] >= -1 && t[m] < slots, "lora_kernels: token_slots[", m, "] = ", t[m], " is not a slot (-1 to ",
-                slots - 1, ")");
-    if (t[m] >= 0) rows[t[m]].push_back(m);
+    TORCH_CHECK(slot_of[m] >= -1 && slot_of[m] < slots, "lora_kernels: token_slots[", m, "] = ", slot_of[m],
+                " is not a slot (-1 to ", slots - 1, ")");
+    if (slot_of[m] >= 0) rows[slot_of[m]].push_back(m);
   }
   return rows;
-}
-
-int64_t slot_rank(const at::Tensor& slot_ranks, int64_t slot, int64_t max_rank) {
-  const int64_t rank = slot_ranks.data_ptr<int32_t>()[slot];
-  TORCH_CHECK(rank >= 0 && rank <= max_rank, "lora_kernels: slot ", slot, " has rank ", rank, ", outside 0..",
-              max_rank);
-  return rank;
 }
 #endif
 
@@ -416,8 +415,7 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const WeightList& weight, int64_t
   const auto dtype = x.scalar_type();
   if (c.M == 0) return at::empty({0, c.N}, x.options());
   if (token_slots.has_value()) {  // the kernels trust the slot values: checked here, on host memory
-    rows_by_slot(*token_slots, lora_right->size(0));
-    for (int64_t t = 0; t < lora_right->size(0); ++t) slot_rank(*slot_ranks, t, lora_left->size(1));
+    checked_rows_by_slot(*token_slots, *slot_ranks, lora_right->size(0), lora_left->size(1));
   }
   if (c.route == Route::kFused) {
     auto out = at::empty({c.M, c.N}, x.options());
@@ -441,8 +439,7 @@ at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_A_slots, 
                            const at::Tensor& slot_ranks) {
   const int64_t max_rank = check_shrink(x, lora_A_slots, token_slots, slot_ranks);
   const int64_t M = x.size(0), slots = lora_A_slots.size(0);
-  const auto rows = rows_by_slot(token_slots, slots);  // checks every slot value
-  for (int64_t t = 0; t < slots; ++t) slot_rank(slot_ranks, t, max_rank);
+  const auto rows = checked_rows_by_slot(token_slots, slot_ranks, slots, max_rank);
   for (int64_t t = 0; t < slots && M > 0; ++t) {
     if (static_cast<int64_t>(rows[t].size()) != M) continue;
     at::Tensor xa = at::zeros({M, max_rank}, lora_A_slots.options());
