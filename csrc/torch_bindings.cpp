@@ -469,6 +469,7 @@ at::Tensor scale_columns_op_cpu(const at::Tensor& t, const at::Tensor& scale, co
 
 std::string isa_name(cpu::Isa isa) {
   switch (isa) {
+    case cpu::Isa::kAmx: return "amx";
     case cpu::Isa::kAvx512Bf16: return "avx512bf16";
     case cpu::Isa::kAvx512: return "avx512";
     case cpu::Isa::kAvx2: return "avx2";

@@ -33,16 +33,20 @@ ROUTES = {name: module.ROUTES for name, module in BACKENDS.items()}
 _AUTO = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
-# The largest M for which the fused route is picked, per (backend, device architecture); above it
-# dequantize + GEMM wins. CPU: both routes forced and timed side by side (bf16, 4096x4096, 2
-# threads, a Xeon with AVX-512 BF16 and AMX, 2026-11-28): fused 0.56x / 1.15x / 2.1x the time of
-# bf16 F.linear at M = 1 / 4 / 8, dequant+GEMM 1.6x at all three; see `python -m bench --suite
-# forward` for the current figures. CUDA: the decode kernel's own limit (backends/cuda.py), not
-# yet measured on a GPU. Triton: a forecast, not measured on a GPU (issue 10's review: the fused
-# kernel tiles M by 16 and is bound by reading W; above that Triton dequantize + cuBLAS should
-# win). Where an architecture is missing, the "default" entry applies.
+# The largest M for which the fused route is picked, per backend and device architecture (the CPU's
+# code path, csrc/cpu/isa.h, or the GPU's sm_XY), and where a kernel differs by dtype, per
+# (architecture, dtype); above it dequantize + GEMM wins. Where neither key is listed, "default".
+# CPU, both routes forced and timed side by side (4096x4096, r=16, 2 threads, a Xeon with AVX-512
+# BF16 and AMX, 2026-12-01): without AMX (or for fp16/fp32 x) the GEMV-style kernel runs M <= 4
+# (fused 0.56x / 1.15x / 2.1x the time of bf16 F.linear at M = 1 / 4 / 8, dequant+GEMM 1.6x, 2026-11-
+# 28); with AMX, bf16 x past M = 4 takes the AMX kernel: fused 3.5 / 6.1 / 15.6 / 33.0 / 129 ms
+# against dequant+GEMM 4.3 / 7.8 / 15.6 / 30.7 / 43.2 ms at M = 16 / 64 / 256 / 512 / 2048 (a tie at
+# 256, where the fused route also writes no dequantized copy of W). See `python -m bench --suite
+# forward`. CUDA: the decode kernel's own limit (backends/cuda.py), not yet measured on a GPU.
+# Triton: a forecast, not measured on a GPU (issue 10's review: the fused kernel tiles M by 16 and is
+# bound by reading W; above that Triton dequantize + cuBLAS should win).
 FUSED_MAX_ROWS = {
-    "cpu": {"default": 4},
+    "cpu": {"default": 4, ("amx", torch.bfloat16): 256},
     "cuda": {"default": 16},
     "triton": {"default": 16},
 }
@@ -177,9 +181,20 @@ def get_route() -> str | None:
 
 @torch.compiler.assume_constant_result
 def _arch(device: torch.device) -> str:
+    if device.type == "cpu":
+        return _cpu_arch()
     if device.type != "cuda" or not torch.cuda.is_available():  # explain() may ask about CUDA anywhere
         return "default"
     return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cpu_arch() -> str:
+    """The CPU kernels' code path (csrc/cpu/isa.h, capped by LORA_KERNELS_CPU_ISA), or "default"
+    without them. Read once a process, as the kernels read it."""
+    if "cpu" not in _usable_backends():
+        return "default"
+    return torch.ops.lora_kernels.cpu_isa()
 
 
 @functools.cache
@@ -205,7 +220,7 @@ def choose_route(backend: str, p: MatmulProblem) -> tuple[str, str]:
     if problem:
         return "dequant_gemm", problem
     table = FUSED_MAX_ROWS[backend]
-    limit = table.get(p.arch, table["default"])
+    limit = table.get((p.arch, p.dtype), table.get(p.arch, table["default"]))
     basis = "measured" if backend in _MEASURED_LIMITS else "forecast, not yet measured"
     if p.M <= limit:
         return "fused", f"M={p.M} <= {limit}, the fused kernel's range on {backend}/{p.arch} ({basis})"

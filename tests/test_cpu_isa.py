@@ -44,7 +44,7 @@ def test_paths_this_machine_lacks_are_named():
     which ones it cannot run."""
     _needs_cpu_kernels()
     paths = cpu_backend.code_paths()
-    assert tuple(paths) == ("scalar", "avx2", "avx512", "avx512bf16")
+    assert tuple(paths) == ("scalar", "avx2", "avx512", "avx512bf16", "amx")
     runs = [here for here in paths.values()]
     assert runs == sorted(runs, reverse=True) and runs[0]  # a prefix, scalar always
     info = subprocess.run([sys.executable, "-m", "lora_kernels.info"], cwd=ROOT, capture_output=True, text=True,

@@ -235,14 +235,21 @@ def test_route_boundaries_agree_everywhere():
 
 
 def test_cpu_route_boundary_is_pinned(backend):
-    """The measured CPU boundary (routes.py: fused 1.15x bf16 F.linear at M = 4, 2.1x at M = 8;
-    dequant+GEMM 1.6x): a change must be re-measured, and this pin, the README and the table moved
-    together."""
+    """The measured CPU boundaries (routes.py): the GEMV-style kernel to M = 4 (fused 1.15x bf16
+    F.linear at M = 4, 2.1x at M = 8; dequant+GEMM 1.6x), and for bf16 x on AMX the AMX kernel to
+    M = 256 (a tie with dequant+GEMM there, 1.07x slower at 512). A change must be re-measured, and
+    this pin, the README and the table moved together."""
     if not lk.backends()["cpu"].usable:
         pytest.skip("C++ CPU backend not built")
     backend("cpu")
-    assert lk.explain("cpu", 4, 4096)["route"] == "fused"
-    assert lk.explain("cpu", 5, 4096)["route"] == "dequant_gemm"
+    amx = torch.ops.lora_kernels.cpu_isa() == "amx"
+    for dtype in (torch.float32, torch.float16):
+        assert lk.explain("cpu", 4, 4096, dtype=dtype)["route"] == "fused"
+        assert lk.explain("cpu", 5, 4096, dtype=dtype)["route"] == "dequant_gemm"
+    bf16_limit = 256 if amx else 4
+    assert lk.explain("cpu", bf16_limit, 4096)["route"] == "fused"
+    assert lk.explain("cpu", bf16_limit + 1, 4096)["route"] == "dequant_gemm"
+    assert ("cpu/amx" in lk.explain("cpu", 64, 4096)["why"]) == amx
 
 
 def test_cuda_route_boundary_is_pinned(backend):

@@ -1,7 +1,7 @@
 // Shared by the CPU kernels: the fp32 scale of block b (plain absmax, or decoded from double
 // quantization as fp32(fp32(map[code] * scale) + offset); two roundings, since the CPU sources
-// build with -ffp-contract=off: reference.dequantize_absmax), and the bf16 rounding of a block's
-// 16-entry table.
+// build with -ffp-contract=off: reference.dequantize_absmax), the bf16 rounding of a block's
+// 16-entry table, and the turn of 16 packed bytes into 32 bf16 weights through that table.
 #pragma once
 
 #include "../kernels.h"
@@ -28,6 +28,30 @@ __attribute__((target("avx512f,avx512bw"))) inline __m256i round_to_bf16_16(__m5
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
   return _mm512_cvtepi32_epi16(r);
+}
+
+// A block's 16-entry table: fp32(nf4 * scale) rounded to nearest even bf16, in the low 256 bits.
+// vcvtneps2bf16 rounds so too but flushes subnormals; it is used where no entry can be one (the
+// smallest nonzero |nf4| is 0.0796, so |scale| >= 2^-120 keeps every product normal), the integer
+// rounding elsewhere (and for NaN scales, never produced by the quantizer).
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i bf16_table(float scale) {
+  static constexpr float kNF4[16] = LK_NF4_VALUES;
+  const __m512 values = _mm512_mul_ps(_mm512_loadu_ps(kNF4), _mm512_set1_ps(scale));
+  if (__builtin_fabsf(scale) >= 0x1p-120f && __builtin_fabsf(scale) <= 0x1p+120f)
+    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
+  return _mm512_castsi256_si512(round_to_bf16_16(values));
+}
+
+// 16 packed bytes (32 codes, the first in each byte's high nibble) -> 32 bf16 weights in element
+// order, one vpermw: each 32-bit lane holds the byte's high nibble in its low word and its low
+// nibble in its high word; vpermw reads only the low 5 bits of each index, and the table's entries
+// 16..31 are never indexed (the nibbles are < 16).
+__attribute__((always_inline, target("avx512f,avx512bw"))) inline __m512i decode32_bf16(const uint8_t* bytes,
+                                                                                      __m512i table) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(b, 16),
+                                                _mm512_set1_epi32(0x000F0000), 0xF8);
+  return _mm512_permutexvar_epi16(idx, table);
 }
 #endif
 

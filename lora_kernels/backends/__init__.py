@@ -21,7 +21,7 @@ class MatmulProblem(NamedTuple):
     """Everything a route choice may depend on, for one nf4_matmul (see lora_kernels/_ops.py)."""
 
     device_type: str
-    arch: str  # "sm_90" on CUDA, "default" elsewhere
+    arch: str  # "sm_90" on CUDA, the CPU kernels' code path ("amx", "avx512bf16", ...) on the CPU
     dtype: object  # torch.dtype of x
     M: int
     rows: int

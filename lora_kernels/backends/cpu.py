@@ -26,7 +26,7 @@ def status() -> Status:
 
 # Every code path the CPU kernels' dispatcher can pick, lowest first (csrc/cpu/isa.h). Each can be
 # forced from above with LORA_KERNELS_CPU_ISA=<path>; a machine runs those up to what it has.
-CODE_PATHS = ("scalar", "avx2", "avx512", "avx512bf16")
+CODE_PATHS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 
 
 def code_paths() -> dict[str, bool]:
