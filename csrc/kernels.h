@@ -109,10 +109,11 @@ void dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t bl
                     DType dtype);
 // Fused NF4 GEMV / small GEMM: out [M, w.rows] = x [M, w.cols] . deq(W)^T + epilogue, in one pass over
 // the packed bytes (unpack, table lookup, multiply-add in fp32), multi-threaded over output rows.
-// x and out are row-major contiguous in `dtype` (bf16 or fp32). Needs w.cols % w.blocksize == 0.
+// x and out are row-major contiguous in `dtype` (bf16, fp16 or fp32). Needs w.cols % w.blocksize == 0.
+// bf16 x from 3 rows on goes to nf4_matmul_amx where cpu_isa() is kAmx (blocksize >= 64).
 void nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out);
-// The same for bf16 x on AMX tiles (cpu/nf4_matmul_amx.cpp), any M; nf4_matmul_fused calls it where
-// cpu_isa() allows AMX and M is past the AVX-512 kernel's rows (kernels.h callers use that one).
+// The same for bf16 x on AMX tiles (cpu/nf4_matmul_amx.cpp), any M, blocksize >= 64; only where
+// cpu_isa() is kAmx.
 void nf4_matmul_amx(const void* x, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out);
 // Many adapters, one batch (lora_kernels::lora_shrink): xa [M, rank] in a_dtype, row m =
 // x[m] . A[t]^T rounded once to a_dtype for the first slot_ranks[t] columns (t = token_slots[m]),

@@ -37,11 +37,12 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 # code path, csrc/cpu/isa.h, or the GPU's sm_XY), and where a kernel differs by dtype, per
 # (architecture, dtype); above it dequantize + GEMM wins. Where neither key is listed, "default".
 # CPU, both routes forced and timed side by side (4096x4096, r=16, 2 threads, a Xeon with AVX-512
-# BF16 and AMX, 2026-12-01): without AMX (or for fp16/fp32 x) the GEMV-style kernel runs M <= 4
-# (fused 0.56x / 1.15x / 2.1x the time of bf16 F.linear at M = 1 / 4 / 8, dequant+GEMM 1.6x, 2026-11-
-# 28); with AMX, bf16 x past M = 4 takes the AMX kernel: fused 3.5 / 6.1 / 15.6 / 33.0 / 129 ms
-# against dequant+GEMM 4.3 / 7.8 / 15.6 / 30.7 / 43.2 ms at M = 16 / 64 / 256 / 512 / 2048 (a tie at
-# 256, where the fused route also writes no dequantized copy of W). See `python -m bench --suite
+# BF16 and AMX): without AMX (or for fp16/fp32 x) the GEMV-style kernel runs M <= 4 (fused 0.56x /
+# 1.15x / 2.1x the time of bf16 F.linear at M = 1 / 4 / 8, dequant+GEMM 1.6x, 2026-11-28); with AMX,
+# bf16 x from M = 3 takes the AMX kernel (csrc/cpu/nf4_matmul.cpp says why 3), two runs 2026-12-01:
+# fused 2.13 / 2.38, 3.87 / 4.33, 13.1 / 15.6, 29.0 / 36.0, 153 / 156 ms against dequant+GEMM 3.57 /
+# 3.74, 6.31 / 8.68, 14.2 / 17.3, 28.5 / 43.8, 68.3 / 151 ms at M = 16, 64, 256, 512, 2048: fused up
+# to 256, where it still wins and writes no dequantized copy of W. See `python -m bench --suite
 # forward`. CUDA: the decode kernel's own limit (backends/cuda.py), not yet measured on a GPU.
 # Triton: a forecast, not measured on a GPU (issue 10's review: the fused kernel tiles M by 16 and is
 # bound by reading W; above that Triton dequantize + cuBLAS should win).

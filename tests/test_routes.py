@@ -237,7 +237,7 @@ def test_route_boundaries_agree_everywhere():
 def test_cpu_route_boundary_is_pinned(backend):
     """The measured CPU boundaries (routes.py): the GEMV-style kernel to M = 4 (fused 1.15x bf16
     F.linear at M = 4, 2.1x at M = 8; dequant+GEMM 1.6x), and for bf16 x on AMX the AMX kernel to
-    M = 256 (a tie with dequant+GEMM there, 1.07x slower at 512). A change must be re-measured, and
+    M = 256 (still ahead of dequant+GEMM there, mixed at 512). A change must be re-measured, and
     this pin, the README and the table moved together."""
     if not lk.backends()["cpu"].usable:
         pytest.skip("C++ CPU backend not built")

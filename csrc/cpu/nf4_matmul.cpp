@@ -30,11 +30,13 @@ namespace lora_kernels {
 namespace cpu {
 namespace {
 
-// Rows of x whose accumulators live in registers during one pass. Past them, bf16 x goes to the AMX
-// kernel where the CPU has AMX: timed here (Xeon, AVX-512 BF16 + AMX, 2 threads, 4096x4096, r=16,
-// 2026-12-01), AMX 3.0-3.3 ms at M = 1..3 against 1.7-2.8 ms for this kernel, even at M = 4
-// (3.5 vs 2.9-3.8 ms), ahead from M = 8 (3.5 vs 5.8-6.3 ms).
+// Rows of x whose accumulators live in registers during one pass.
 constexpr int kRowsPerPass = 4;
+// From this many rows on, bf16 x goes to the AMX kernel where the CPU has AMX. Timed here (Xeon,
+// AVX-512 BF16 + AMX, 2 threads, 4096x4096, r = 16, 2026-12-01, two runs, min of 60 calls): AMX
+// 2.07 / 1.76 ms at M = 2 against 2.02 / 1.59 ms for this kernel, 1.28 / 2.04 against 2.15 / 1.88 at
+// M = 3, 1.29 / 2.11 against 2.62 / 2.27 at M = 4 (the VM's noise is as large as the gap at M = 2).
+constexpr int64_t kAmxMinRows = 3;
 constexpr int kChunk = 32;       // elements per 16-byte load of packed codes
 #ifndef LK_PREFETCH_BYTES
 #define LK_PREFETCH_BYTES 1024
@@ -244,7 +246,7 @@ RowDotBF16 row_dot_bf16_for(int rows) {
 void nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w, const Epilogue& epi, void* out) {
   const int64_t N = w.rows, K = w.cols, blocks_per_row = K / w.blocksize;
 #if defined(__x86_64__)
-  if (dtype == DType::kBF16 && M > kRowsPerPass && isa_at_least(Isa::kAmx)) {
+  if (dtype == DType::kBF16 && M >= kAmxMinRows && w.blocksize >= 64 && isa_at_least(Isa::kAmx)) {
     nf4_matmul_amx(x, M, w, epi, out);
     return;
   }

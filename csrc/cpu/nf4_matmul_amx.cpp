@@ -1,19 +1,19 @@
 // Fused NF4 matmul with AMX tiles, for bf16 x: out [M, N] = x [M, K] . deq(W)^T + epilogue. No
-// dequantized copy of W is ever written to memory: each thread decodes a panel of 16 weight rows
-// (16 x K bf16, at most 16 x 32768 x 2 bytes; 128 KB for K = 4096, in L2) from the packed bytes,
-// multiplies it with every row of x in AMX tiles (tdpbf16ps: a 16 x 32 bf16 tile times a 32 x 16 one
-// into 16 x 16 fp32 accumulators), and writes its 16 output columns through the epilogue.
+// dequantized copy of W is ever written to memory: each thread decodes 16 weight rows at a time from
+// the packed bytes into A tiles (a slice of K in L1 for M <= 64, the whole row panel in L2 above),
+// multiplies them with every row of x in AMX tiles (tdpbf16ps: a 16 x 32 bf16 tile times a 32 x 16
+// one into 16 x 16 fp32 accumulators), and writes its 16 output columns through the epilogue.
 //
 // The product is computed transposed, out^T [N, M] = deq(W) [N, K] . x^T [K, M], so that the decoded
-// panel is the A operand in its natural row-major order (one vpermw gives 32 weights of a row), and x,
-// which is small, is the operand rearranged: staged once a call as pairs of bf16 (the B operand's
-// "VNNI" layout: row p of a B tile holds, for each of 16 rows m of x, x[m, 2p] and x[m, 2p + 1]),
-// padded with zero rows to a multiple of 16. Each accumulator tile is then out^T for 16 weight rows
-// and 16 rows of x; the epilogue reads it a row of x at a time (16 outputs).
+// weights are the A operand, rows as they come out of the packed bytes, and x, which is small, is the
+// operand rearranged: staged once a call as pairs of bf16 (the B operand's "VNNI" layout), in the
+// order of K the decode produces, padded with zero rows to a multiple of 16. Each accumulator tile is
+// then out^T for 16 weight rows and 16 rows of x; the epilogue reads it a row of x at a time.
 //
 // Accumulation: tdpbf16ps adds exact bf16 products in fp32 (Intel SDM, TDPBF16PS), as the AVX-512
 // BF16 kernel does, in another order; the output is rounded to bf16 once. The epilogue is the
 // AVX-512 kernel's, vectorized over 16 outputs with the same operations in the same order.
+// Needs K % 64 == 0 and blocksize >= 64 (a 32-byte load within one block).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -71,59 +71,93 @@ float element(const void* p, DType dtype, int64_t i) {
   }
 }
 
-// x [M, K] bf16 -> the B tiles: tile (step s, block b) holds pairs p = 16 s .. 16 s + 15 of rows
-// m = 16 b .. 16 b + 15, at xt + (s * blocks + b) * 256, row p - 16 s, column m - 16 b; rows of x
-// past M are zeros.
+// The order of K inside the tiles. A 64-element chunk c of a weight row is 32 packed bytes; its 32
+// high nibbles (elements 64c + 2q) fill tile step 2c and its 32 low nibbles (elements 64c + 2q + 1)
+// step 2c + 1, slot q, which is what two table lookups of the zero-extended bytes give (below). The
+// product sums over K, so any order does as long as x's B tiles follow it: step 2c + e, pair p holds
+// x[64c + 4p + e] and x[64c + 4p + 2 + e].
+//
+// x [M, K] bf16 -> the B tiles: tile (step s, block b) holds pairs p of rows m = 16 b .. 16 b + 15,
+// at xt + (s * blocks + b) * 256, row p, column m - 16 b; rows of x past M are zeros.
 void stage_x_pairs(const c10::BFloat16* x, int64_t M, int64_t K, int64_t blocks, uint32_t* xt) {
-  const int64_t steps = K / kTileK;
-  at::parallel_for(0, steps, 16, [&](int64_t first, int64_t last) {
-    for (int64_t s = first; s < last; ++s) {
-      uint32_t* step = xt + s * blocks * kTile * kTile;
-      std::memset(step, 0, sizeof(uint32_t) * blocks * kTile * kTile);
+  const int64_t chunks = K / 64;
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
+  at::parallel_for(0, chunks, 8, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      uint32_t* steps = xt + 2 * c * blocks * kTile * kTile;  // steps 2c and 2c + 1
+      std::memset(steps, 0, sizeof(uint32_t) * 2 * blocks * kTile * kTile);
       for (int64_t m = 0; m < M; ++m) {
-        uint32_t pairs[kTile];
-        std::memcpy(pairs, x + m * K + s * kTileK, sizeof(pairs));
-        uint32_t* dst = step + (m / kTile) * kTile * kTile + m % kTile;
-        for (int p = 0; p < kTile; ++p) dst[p * kTile] = pairs[p];
+        const uint16_t* xm = bits + m * K + 64 * c;
+        for (int e = 0; e < 2; ++e) {
+          uint32_t* dst = steps + (e * blocks + m / kTile) * kTile * kTile + m % kTile;
+          for (int p = 0; p < kTile; ++p)
+            dst[p * kTile] = uint32_t{xm[4 * p + e]} | (uint32_t{xm[4 * p + 2 + e]} << 16);
+        }
       }
     }
   });
 }
 
-// Weight rows n0 .. n0 + rows - 1 decoded to bf16 into a panel of K / 32 A tiles, each 16 rows x 32
-// contiguous (1 KB; a panel row-major [16, K] would put a tile's rows 2K bytes apart, all in one L1
-// set); rows past `rows` are zeros.
-LK_TARGET_AMX void decode_panel(const Nf4Matrix& w, int64_t n0, int64_t rows, c10::BFloat16* panel) {
-  const int64_t K = w.cols, blocks_per_row = K / w.blocksize;
+// Weight rows n0 .. n0 + rows - 1, elements k0 .. k0 + width - 1 (whole 64-element chunks), decoded
+// to bf16 into width / 32 A tiles of 16 rows x 32 (1 KB each, contiguous: a row-major [16, K] panel
+// would put a tile's rows 2K bytes apart, all in one L1 set); rows past `rows` are zeros. Per 32
+// bytes: zero-extend to 32 words, then vpermw through the block's table twice, once on the words
+// shifted right by 4 (the high nibbles) and once on the words as they are: vpermw reads an index's
+// low 5 bits, so the table is the block's 16 entries twice and bit 4 (the high nibble's lowest bit)
+// is harmless.
+// `scales`: the panel's block scales [16 rows][K / blocksize], `normal`: whether each row's are all
+// in bf16_table_normal's range (panel_scales).
+LK_TARGET_AMX void decode_tiles(const Nf4Matrix& w, int64_t n0, int64_t rows, int64_t k0, int64_t width,
+                                c10::BFloat16* tiles, const float* scales, const bool* normal) {
+  const int64_t K = w.cols, bs = w.blocksize, blocks_per_row = K / bs;
+  const int64_t b0 = k0 / bs, b1 = (k0 + width - 1) / bs;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* bytes = w.packed + (n0 + r) * K / 2;
-    const int64_t first_block = (n0 + r) * blocks_per_row;
-    for (int64_t b = 0; b < blocks_per_row; ++b) {
-      const __m512i table = bf16_table(block_scale(w.scales, first_block + b));
-      for (int64_t c = b * w.blocksize; c < (b + 1) * w.blocksize; c += kTileK) {
-        _mm_prefetch(reinterpret_cast<const char*>(bytes + c / 2 + 1024), _MM_HINT_T0);
-        _mm512_storeu_si512(panel + (c / kTileK * kTile + r) * kTileK, decode32_bf16(bytes + c / 2, table));
+    const float* row_scales = scales + r * blocks_per_row;
+    for (int64_t b = b0; b <= b1; ++b) {
+      const __m512i table = _mm512_broadcast_i64x4(
+          _mm512_castsi512_si256(normal[r] ? bf16_table_normal(row_scales[b]) : bf16_table(row_scales[b])));
+      const int64_t begin = std::max(k0, b * bs), end = std::min(k0 + width, (b + 1) * bs);
+      for (int64_t k = begin; k < end; k += 64) {
+        const __m512i words =
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + k / 2)));
+        c10::BFloat16* step = tiles + ((k - k0) / kTileK * kTile + r) * kTileK;
+        _mm512_storeu_si512(step, _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table));
+        _mm512_storeu_si512(step + kTile * kTileK, _mm512_permutexvar_epi16(words, table));
       }
     }
   }
   for (int64_t r = rows; r < kTile; ++r)
-    for (int64_t c = 0; c < K; c += kTileK)
-      std::memset(panel + (c / kTileK * kTile + r) * kTileK, 0, sizeof(c10::BFloat16) * kTileK);
+    for (int64_t k = 0; k < width; k += kTileK)
+      std::memset(tiles + (k / kTileK * kTile + r) * kTileK, 0, sizeof(c10::BFloat16) * kTileK);
 }
 
-// acc tiles 0 .. C-1 = panel . x^T for x's row blocks first_block .. first_block + C - 1.
+// The block scales of weight rows n0 .. n0 + rows - 1 into scales [16][K / blocksize], and per row
+// whether all lie where bf16_table_normal is exact.
+LK_TARGET_AMX void panel_scales(const Nf4Matrix& w, int64_t n0, int64_t rows, float* scales, bool* normal) {
+  const int64_t blocks_per_row = w.cols / w.blocksize;
+  for (int64_t r = 0; r < rows; ++r)
+    normal[r] = block_scales(w.scales, (n0 + r) * blocks_per_row, blocks_per_row, scales + r * blocks_per_row);
+}
+
+// The accumulator tiles 0 .. C-1 (x's row blocks first_block .. first_block + C - 1): zeroed,
+// advanced by `steps` A tiles (from `tiles`) times the B tiles of those steps (from `xt_steps`, the
+// first of them), and stored to acc [C][16 outputs][16 rows of x].
 template <int C>
-LK_TARGET_AMX void multiply_panel(const c10::BFloat16* panel, int64_t K, const uint32_t* xt, int64_t blocks,
-                                  int64_t first_block) {
+LK_TARGET_AMX void zero_accumulators() {
   static_assert(C >= 1 && C <= kMaxCTiles, "accumulator tiles 0..3");
   _tile_zero(0);
   if (C > 1) _tile_zero(1);
   if (C > 2) _tile_zero(2);
   if (C > 3) _tile_zero(3);
-  const int64_t steps = K / kTileK;
+}
+
+template <int C>
+LK_TARGET_AMX void accumulate(const c10::BFloat16* tiles, int64_t steps, const uint32_t* xt_steps, int64_t blocks,
+                              int64_t first_block) {
   for (int64_t s = 0; s < steps; ++s) {
-    _tile_loadd(4, panel + s * kTile * kTileK, 64);
-    const uint32_t* b = xt + (s * blocks + first_block) * kTile * kTile;
+    _tile_loadd(4, tiles + s * kTile * kTileK, 64);
+    const uint32_t* b = xt_steps + (s * blocks + first_block) * kTile * kTile;
     _tile_loadd(5, b, 64);
     if (C > 1) _tile_loadd(6, b + kTile * kTile, 64);
     _tile_dpbf16ps(0, 4, 5);
@@ -147,21 +181,32 @@ LK_TARGET_AMX void store_accumulators(float* acc) {
   if (C > 3) _tile_stored(3, acc + 3 * kTile * kTile, 64);
 }
 
-using PanelStep = void (*)(const c10::BFloat16*, int64_t, const uint32_t*, int64_t, int64_t, float*);
-
 template <int C>
-LK_TARGET_AMX void panel_step(const c10::BFloat16* panel, int64_t K, const uint32_t* xt, int64_t blocks,
-                              int64_t first_block, float* acc) {
-  multiply_panel<C>(panel, K, xt, blocks, first_block);
-  store_accumulators<C>(acc);
+LK_TARGET_AMX void load_accumulators(float* acc) {
+  _tile_loadd(0, acc, 64);
+  if (C > 1) _tile_loadd(1, acc + kTile * kTile, 64);
+  if (C > 2) _tile_loadd(2, acc + 2 * kTile * kTile, 64);
+  if (C > 3) _tile_loadd(3, acc + 3 * kTile * kTile, 64);
 }
 
-PanelStep panel_step_for(int tiles) {
+struct TileOps {
+  void (*zero)();
+  void (*load)(float*);
+  void (*accumulate)(const c10::BFloat16*, int64_t, const uint32_t*, int64_t, int64_t);
+  void (*store)(float*);
+};
+
+template <int C>
+constexpr TileOps tile_ops_of() {
+  return {&zero_accumulators<C>, &load_accumulators<C>, &accumulate<C>, &store_accumulators<C>};
+}
+
+TileOps tile_ops(int tiles) {
   switch (tiles) {
-    case 1: return &panel_step<1>;
-    case 2: return &panel_step<2>;
-    case 3: return &panel_step<3>;
-    default: return &panel_step<4>;
+    case 1: return tile_ops_of<1>();
+    case 2: return tile_ops_of<2>();
+    case 3: return tile_ops_of<3>();
+    default: return tile_ops_of<4>();
   }
 }
 
@@ -192,54 +237,106 @@ LK_TARGET_AMX void epilogue_row(const float* acc, const RowLora& term, DType lor
   _mm256_mask_storeu_epi16(out + m * N + n0, valid, round_to_bf16_16(_mm512_add_ps(v, bias)));
 }
 
-// Panels first .. last - 1 of out (16 output columns each), on this thread's tiles. A group of
-// panels is decoded at once (about 1 MB, in L2) and each group of 64 rows of x (its B tiles, K / 2 x
-// 64 x 4 bytes) multiplies every panel of it, so that neither is read again from beyond L2.
+// The epilogue's right factor for one panel, transposed to [rank, 16] fp32 when the row's adapter
+// is not the one already there (one adapter: once a panel).
+struct RightCache {
+  float* values;
+  const void* right = nullptr;
+  int64_t rank = 0;
+
+  void load(const RowLora& term, const Epilogue& epi, int64_t n0, int64_t cols) {
+    if (term.rank == 0 || (term.right == right && term.rank <= rank)) return;
+    for (int64_t j = 0; j < term.rank; ++j)
+      for (int64_t c = 0; c < kTile; ++c)
+        values[j * kTile + c] = c < cols ? element(term.right, epi.lora_dtype, (n0 + c) * epi.rank + j) : 0.f;
+    right = term.right;
+    rank = term.rank;
+  }
+};
+
+// Rows of x in blocks first_block .. first_block + tiles - 1 (those below M) for one panel's outputs.
+LK_TARGET_AMX void epilogue_rows(const float* acc, int64_t first_block, int tiles, int64_t M, const Epilogue& epi,
+                                 RightCache& right, int64_t n0, int64_t cols, int64_t N, c10::BFloat16* out) {
+  for (int64_t m = first_block * kTile; m < std::min<int64_t>(M, (first_block + tiles) * kTile); ++m) {
+    const RowLora term = row_lora(epi, m, N);
+    right.load(term, epi, n0, cols);
+    const int64_t local = m - first_block * kTile;
+    epilogue_row(acc + (local / kTile) * kTile * kTile + local % kTile, term, epi.lora_dtype, right.values, epi, m,
+                 n0, cols, N, out);
+  }
+}
+
+// Scratch a thread keeps between calls (allocating and faulting in fresh pages each call cost more
+// than the decode); every element read is written first.
+template <typename T>
+T* thread_scratch(int slot, int64_t count) {
+  thread_local std::unique_ptr<char[]> buffers[3];
+  thread_local int64_t capacity[3] = {};
+  const int64_t bytes = count * static_cast<int64_t>(sizeof(T));
+  if (capacity[slot] < bytes) {
+    buffers[slot].reset(new char[bytes + 64]);
+    capacity[slot] = bytes;
+  }
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buffers[slot].get()) + 63) & ~uintptr_t{63});
+}
+
+// M <= 64: a panel's K is decoded kSliceK at a time (16 KB of A tiles, in L1) just before the
+// tiles multiply it, the accumulators staying in tiles across the row. (Panels taking turns on a
+// slice of K, so that x's B tiles stay in L1 too, measured slower: 16 panels x 16 rows read 256
+// streams of W, which the prefetchers do not follow.)
+constexpr int64_t kSliceK = 512;
+
+// Panels first .. last - 1 of out (16 output columns each), on this thread's tiles.
+//   M <= 64 (at most 4 accumulator tiles a panel): sliced, above.
+//   M > 64: a group of panels (about 1 MB, in L2) is decoded whole, then each group of 64 rows of x
+//     (its B tiles, K / 2 x 64 x 4 bytes) multiplies every panel of it, so neither is read again
+//     from beyond L2.
 LK_TARGET_AMX void panels_amx(int64_t first, int64_t last, int64_t M, const uint32_t* xt, int64_t x_blocks,
                               const Nf4Matrix& w, const Epilogue& epi, c10::BFloat16* out) {
-  const int64_t N = w.rows, K = w.cols;
-  const int64_t group = std::clamp<int64_t>((int64_t{1} << 20) / (kTile * K * 2), 1, 16);
+  const int64_t N = w.rows, K = w.cols, blocks_per_row = K / w.blocksize;
   const TileConfig cfg = full_tiles();
   _tile_loadconfig(&cfg);
-  // Scratch kept by the thread between calls (allocating and zeroing 1 MB a call cost more than the
-  // decode); every element read is written first.
-  thread_local std::unique_ptr<c10::BFloat16[]> panel_scratch;
-  thread_local int64_t panel_capacity = 0;
-  if (panel_capacity < group * kTile * K) {
-    panel_scratch.reset(new c10::BFloat16[group * kTile * K]);
-    panel_capacity = group * kTile * K;
-  }
-  c10::BFloat16* panels = panel_scratch.get();
-  float acc[kMaxCTiles * kTile * kTile];
   const int64_t rank_stride = std::max<int64_t>(epi.rank, 1) * kTile;
-  std::vector<float> right_t(static_cast<size_t>(group * rank_stride));
-  std::vector<const void*> transposed(static_cast<size_t>(group));  // the right factor in right_t, a panel
-  std::vector<int64_t> transposed_rank(static_cast<size_t>(group));
+  const bool sliced = x_blocks <= kMaxCTiles;
+  const int64_t group = sliced ? 1 : std::clamp<int64_t>((int64_t{1} << 20) / (kTile * K * 2), 1, 16);
+  float acc[kMaxCTiles * kTile * kTile];
+  float* scales = thread_scratch<float>(2, group * kTile * blocks_per_row);
+  bool normal[16 * kTile];
+  float* right_t = thread_scratch<float>(1, group * rank_stride);
+  std::vector<RightCache> rights;
+  for (int64_t i = 0; i < group; ++i) rights.push_back(RightCache{right_t + i * rank_stride});
+  c10::BFloat16* a_tiles = thread_scratch<c10::BFloat16>(0, sliced ? kTile * kSliceK : group * kTile * K);
   for (int64_t g0 = first; g0 < last; g0 += group) {
     const int64_t count = std::min<int64_t>(group, last - g0);
+    const auto n0_of = [&](int64_t i) { return (g0 + i) * kTile; };
+    const auto cols_of = [&](int64_t i) { return std::min<int64_t>(kTile, N - (g0 + i) * kTile); };
     for (int64_t i = 0; i < count; ++i) {
-      decode_panel(w, (g0 + i) * kTile, std::min<int64_t>(kTile, N - (g0 + i) * kTile), panels + i * kTile * K);
-      transposed[i] = nullptr;
+      panel_scales(w, n0_of(i), cols_of(i), scales + i * kTile * blocks_per_row, normal + i * kTile);
+      rights[i].right = nullptr;
     }
+    if (sliced) {  // group == 1
+      const TileOps ops = tile_ops(static_cast<int>(x_blocks));
+      ops.zero();
+      for (int64_t k0 = 0; k0 < K; k0 += kSliceK) {
+        const int64_t width = std::min<int64_t>(kSliceK, K - k0);
+        decode_tiles(w, n0_of(0), cols_of(0), k0, width, a_tiles, scales, normal);
+        ops.accumulate(a_tiles, width / kTileK, xt + k0 / kTileK * x_blocks * kTile * kTile, x_blocks, 0);
+      }
+      ops.store(acc);
+      epilogue_rows(acc, 0, static_cast<int>(x_blocks), M, epi, rights[0], n0_of(0), cols_of(0), N, out);
+      continue;
+    }
+    for (int64_t i = 0; i < count; ++i)
+      decode_tiles(w, n0_of(i), cols_of(i), 0, K, a_tiles + i * kTile * K, scales + i * kTile * blocks_per_row,
+                   normal + i * kTile);
     for (int64_t b0 = 0; b0 < x_blocks; b0 += kMaxCTiles) {
       const int tiles = static_cast<int>(std::min<int64_t>(kMaxCTiles, x_blocks - b0));
+      const TileOps ops = tile_ops(tiles);
       for (int64_t i = 0; i < count; ++i) {
-        const int64_t n0 = (g0 + i) * kTile, cols = std::min<int64_t>(kTile, N - n0);
-        float* rt = right_t.data() + i * rank_stride;
-        panel_step_for(tiles)(panels + i * kTile * K, K, xt, x_blocks, b0, acc);
-        for (int64_t m = b0 * kTile; m < std::min<int64_t>(M, (b0 + tiles) * kTile); ++m) {
-          const RowLora term = row_lora(epi, m, N);
-          if (term.rank > 0 && (term.right != transposed[i] || term.rank > transposed_rank[i])) {
-            for (int64_t j = 0; j < term.rank; ++j)
-              for (int64_t c = 0; c < kTile; ++c)
-                rt[j * kTile + c] = c < cols ? element(term.right, epi.lora_dtype, (n0 + c) * epi.rank + j) : 0.f;
-            transposed[i] = term.right;
-            transposed_rank[i] = term.rank;
-          }
-          const int64_t local = m - b0 * kTile;
-          epilogue_row(acc + (local / kTile) * kTile * kTile + local % kTile, term, epi.lora_dtype, rt, epi,
-                       m, n0, cols, N, out);
-        }
+        ops.zero();
+        ops.accumulate(a_tiles + i * kTile * K, K / kTileK, xt, x_blocks, b0);
+        ops.store(acc);
+        epilogue_rows(acc, b0, tiles, M, epi, rights[i], n0_of(i), cols_of(i), N, out);
       }
     }
   }
@@ -248,12 +345,16 @@ LK_TARGET_AMX void panels_amx(int64_t first, int64_t last, int64_t M, const uint
 
 void matmul_amx(const c10::BFloat16* x, int64_t M, const Nf4Matrix& w, const Epilogue& epi, c10::BFloat16* out) {
   const int64_t x_blocks = (M + kTile - 1) / kTile;
-  std::vector<uint32_t> xt(static_cast<size_t>(w.cols / 2 * x_blocks * kTile));
-  stage_x_pairs(x, M, w.cols, x_blocks, xt.data());
+  // 64-byte aligned: a B tile's rows are whole cache lines (a vector's 16-byte alignment made every
+  // tile row straddle two lines: the multiply ran 3x slower).
+  const size_t words = static_cast<size_t>(w.cols / 2 * x_blocks * kTile);
+  std::unique_ptr<uint32_t[]> xt_storage(new uint32_t[words + 16]);
+  uint32_t* xt = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(xt_storage.get()) + 63) & ~uintptr_t{63});
+  stage_x_pairs(x, M, w.cols, x_blocks, xt);
   const int64_t panels = (w.rows + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, panels / (4 * at::get_num_threads())));
   at::parallel_for(0, panels, grain, [&](int64_t first, int64_t last) {
-    panels_amx(first, last, M, xt.data(), x_blocks, w, epi, out);
+    panels_amx(first, last, M, xt, x_blocks, w, epi, out);
   });
 }
 
