@@ -5,9 +5,11 @@
 // turns the 32 codes into fp32 weights with one table permute per 16 (AVX-512) or 8 (AVX2) codes
 // and multiply-adds them into fp32 accumulators. No dequantized weight is stored anywhere.
 //
-// x is staged once in fp32 in the order the codes come out of a 16-byte load: per 32 elements,
-// the 16 even-indexed ones (high nibbles) then the 16 odd-indexed ones (low nibbles), so the
-// inner loop needs no shuffles. Weight row n of K codes stays in L1 while every row group reads it.
+// x is staged once in the order the codes come out of a load: in fp32 per 32 elements, the 16
+// even-indexed ones (high nibbles) then the 16 odd-indexed ones (low nibbles); in bf16 (AVX-512
+// BF16, blocksize >= 64) the same per 64 elements; so the inner loop needs no shuffles. Weight row n
+// of K codes stays in L1 while every row group reads it. bf16 x of 3 rows or more goes to the AMX
+// kernel where the CPU has AMX (nf4_matmul_amx.cpp).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -65,6 +67,17 @@ void stage_x(const void* x, DType dtype, int64_t M, int64_t K, float* dst) {
   }
 }
 
+// bf16 x [M, K] -> [M, K], each 64-element chunk reordered to (even elements, odd elements), the
+// order decode64_bf16 gives the weights in.
+void stage_x_bf16(const void* x, int64_t M, int64_t K, uint16_t* dst) {
+  const uint16_t* src = static_cast<const uint16_t*>(x);
+  for (int64_t i = 0; i < M * K; i += 64)
+    for (int q = 0; q < 32; ++q) {
+      dst[i + q] = src[i + 2 * q];
+      dst[i + 32 + q] = src[i + 2 * q + 1];
+    }
+}
+
 // Dot products of one weight row (K codes from `bytes`) with R staged rows of x, scalar.
 template <int R>
 void row_dot_scalar(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K, int64_t blocksize,
@@ -113,41 +126,31 @@ LK_TARGET_AVX512 void row_dot_avx512(const uint8_t* bytes, const BlockScales& s,
   for (int r = 0; r < R; ++r) result[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc_hi[r], acc_lo[r]));
 }
 
-// AVX-512 BF16, for bf16 x: the block's table is rounded to bf16 (so each weight is exactly the
-// reference's bf16 dequantized value), one vpermw turns 16 packed bytes into 32 bf16 weights in
-// element order, and one vdpbf16ps a row multiplies them with 32 bf16 elements of x, read in place
-// (no staging), accumulating pairs of exact products in fp32.
-#define LK_AVX512BF16_LAMBDA __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
+// AVX-512 BF16, for bf16 x and blocksize >= 64: the block's table is rounded to bf16 (so each weight
+// is exactly the reference's bf16 dequantized value), 32 packed bytes give the chunk's 32 even and 32
+// odd weights (decode64_bf16), and one vdpbf16ps each multiplies them with x's even and odd elements
+// (x staged in that order, stage_x_bf16), accumulating pairs of exact products in fp32.
 template <int R>
 LK_TARGET_AVX512BF16 void row_dot_avx512bf16(const uint8_t* bytes, const BlockScales& s, int64_t first_block, int64_t K,
-                                      int64_t blocksize, const c10::BFloat16* x, int64_t x_stride, float* result) {
-  // Two accumulators a row, for even and odd chunks: one chain of vdpbf16ps would wait on its
-  // latency every chunk (measured: most of the M=1 time went there).
-  __m512 acc[R], acc2[R];
-  for (int r = 0; r < R; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
-  const auto chunk = [&](const __m512i table, int64_t c, __m512* into) LK_AVX512BF16_LAMBDA {
-    // The packed row streams from memory (a real model's weights are never cached): ask for the
-    // bytes kPrefetchBytes ahead, past what the hardware prefetcher covers at this rate.
-    _mm_prefetch(reinterpret_cast<const char*>(bytes + c / 2 + kPrefetchBytes), _MM_HINT_T0);
-    const __m512bh w = (__m512bh)decode32_bf16(bytes + c / 2, table);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * x_stride + c);
-      into[r] = _mm512_dpbf16_ps(into[r], w, xv);
-    }
-  };
+                                      int64_t blocksize, const uint16_t* xs, int64_t x_stride, float* result) {
+  __m512 even_acc[R], odd_acc[R];
+  for (int r = 0; r < R; ++r) even_acc[r] = odd_acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0, k0 = 0; k0 < K; ++b, k0 += blocksize) {
-    const __m512i table = bf16_table(block_scale(s, first_block + b));
-    if (blocksize == kChunk) {
-      chunk(table, k0, (k0 / kChunk) % 2 ? acc2 : acc);
-      continue;
-    }
-    for (int64_t c = k0; c < k0 + blocksize; c += 2 * kChunk) {  // blocksize >= 64: whole chunk pairs
-      chunk(table, c, acc);
-      chunk(table, c + kChunk, acc2);
+    const __m512i table = twice(bf16_table(block_scale(s, first_block + b)));
+    for (int64_t c = k0; c < k0 + blocksize; c += 64) {
+      // The packed row streams from memory (a real model's weights are never cached): ask for the
+      // bytes kPrefetchBytes ahead, past what the hardware prefetcher covers at this rate.
+      _mm_prefetch(reinterpret_cast<const char*>(bytes + c / 2 + kPrefetchBytes), _MM_HINT_T0);
+      __m512i even, odd;
+      decode64_bf16(bytes + c / 2, table, &even, &odd);
+      for (int r = 0; r < R; ++r) {
+        const uint16_t* xr = xs + r * x_stride + c;
+        even_acc[r] = _mm512_dpbf16_ps(even_acc[r], (__m512bh)even, (__m512bh)_mm512_loadu_si512(xr));
+        odd_acc[r] = _mm512_dpbf16_ps(odd_acc[r], (__m512bh)odd, (__m512bh)_mm512_loadu_si512(xr + 32));
+      }
     }
   }
-  for (int r = 0; r < R; ++r) result[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
+  for (int r = 0; r < R; ++r) result[r] = _mm512_reduce_add_ps(_mm512_add_ps(even_acc[r], odd_acc[r]));
 }
 
 // AVX2: two 8-entry permutes and a blend on bit 3 of the code make the 16-entry lookup.
@@ -227,8 +230,8 @@ void store_as(void* out, DType dtype, int64_t i, float v) {
 
 }  // namespace
 
-using RowDotBF16 = void (*)(const uint8_t*, const BlockScales&, int64_t, int64_t, int64_t, const c10::BFloat16*,
-                           int64_t, float*);
+using RowDotBF16 = void (*)(const uint8_t*, const BlockScales&, int64_t, int64_t, int64_t, const uint16_t*, int64_t,
+                           float*);
 
 RowDotBF16 row_dot_bf16_for(int rows) {
 #if defined(__x86_64__)
@@ -250,12 +253,14 @@ void nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w,
     nf4_matmul_amx(x, M, w, epi, out);
     return;
   }
-  const bool bf16_dot = dtype == DType::kBF16 && isa_at_least(Isa::kAvx512Bf16);
+  const bool bf16_dot = dtype == DType::kBF16 && w.blocksize >= 64 && isa_at_least(Isa::kAvx512Bf16);
 #else
   const bool bf16_dot = false;
 #endif
   std::vector<float> xs(bf16_dot ? 0 : static_cast<size_t>(M * K));
-  if (!bf16_dot) stage_x(x, dtype, M, K, xs.data());
+  std::vector<uint16_t> xs16(bf16_dot ? static_cast<size_t>(M * K) : 0);
+  if (bf16_dot) stage_x_bf16(x, M, K, xs16.data());
+  else stage_x(x, dtype, M, K, xs.data());
   const int64_t rank = epi.lora_left != nullptr ? epi.rank : 0;
   std::vector<float> left(static_cast<size_t>(M * rank));
   for (int64_t i = 0; i < M * rank; ++i) left[i] = load_as_float(epi.lora_left, epi.lora_dtype, i);
@@ -273,8 +278,7 @@ void nf4_matmul_fused(const void* x, DType dtype, int64_t M, const Nf4Matrix& w,
       for (int64_t n = first; n < last; ++n) {
         const uint8_t* bytes = w.packed + n * K / 2;
         if (bf16_dot)
-          row_dot_bf16_for(rows)(bytes, w.scales, n * blocks_per_row, K, w.blocksize,
-                                 static_cast<const c10::BFloat16*>(x) + m0 * K, K, acc);
+          row_dot_bf16_for(rows)(bytes, w.scales, n * blocks_per_row, K, w.blocksize, xs16.data() + m0 * K, K, acc);
         else
           row_dot_for(rows)(bytes, w.scales, n * blocks_per_row, K, w.blocksize, xs.data() + m0 * K, K, acc);
         const float bias = epi.bias != nullptr ? load_as_float(epi.bias, dtype, n) : 0.f;

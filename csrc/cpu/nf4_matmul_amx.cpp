@@ -100,11 +100,8 @@ void stage_x_pairs(const c10::BFloat16* x, int64_t M, int64_t K, int64_t blocks,
 
 // Weight rows n0 .. n0 + rows - 1, elements k0 .. k0 + width - 1 (whole 64-element chunks), decoded
 // to bf16 into width / 32 A tiles of 16 rows x 32 (1 KB each, contiguous: a row-major [16, K] panel
-// would put a tile's rows 2K bytes apart, all in one L1 set); rows past `rows` are zeros. Per 32
-// bytes: zero-extend to 32 words, then vpermw through the block's table twice, once on the words
-// shifted right by 4 (the high nibbles) and once on the words as they are: vpermw reads an index's
-// low 5 bits, so the table is the block's 16 entries twice and bit 4 (the high nibble's lowest bit)
-// is harmless.
+// would put a tile's rows 2K bytes apart, all in one L1 set); rows past `rows` are zeros. Each chunk
+// of 64 gives its even elements to one tile step and its odd ones to the next (decode64_bf16).
 // `scales`: the panel's block scales [16 rows][K / blocksize], `normal`: whether each row's are all
 // in bf16_table_normal's range (panel_scales).
 LK_TARGET_AMX void decode_tiles(const Nf4Matrix& w, int64_t n0, int64_t rows, int64_t k0, int64_t width,
@@ -115,15 +112,14 @@ LK_TARGET_AMX void decode_tiles(const Nf4Matrix& w, int64_t n0, int64_t rows, in
     const uint8_t* bytes = w.packed + (n0 + r) * K / 2;
     const float* row_scales = scales + r * blocks_per_row;
     for (int64_t b = b0; b <= b1; ++b) {
-      const __m512i table = _mm512_broadcast_i64x4(
-          _mm512_castsi512_si256(normal[r] ? bf16_table_normal(row_scales[b]) : bf16_table(row_scales[b])));
+      const __m512i table = twice(normal[r] ? bf16_table_normal(row_scales[b]) : bf16_table(row_scales[b]));
       const int64_t begin = std::max(k0, b * bs), end = std::min(k0 + width, (b + 1) * bs);
       for (int64_t k = begin; k < end; k += 64) {
-        const __m512i words =
-            _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + k / 2)));
+        __m512i even, odd;
+        decode64_bf16(bytes + k / 2, table, &even, &odd);
         c10::BFloat16* step = tiles + ((k - k0) / kTileK * kTile + r) * kTileK;
-        _mm512_storeu_si512(step, _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table));
-        _mm512_storeu_si512(step + kTile * kTileK, _mm512_permutexvar_epi16(words, table));
+        _mm512_storeu_si512(step, even);
+        _mm512_storeu_si512(step + kTile * kTileK, odd);
       }
     }
   }

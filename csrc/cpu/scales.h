@@ -1,7 +1,7 @@
 // Shared by the CPU kernels: the fp32 scale of block b (plain absmax, or decoded from double
 // quantization as fp32(fp32(map[code] * scale) + offset); two roundings, since the CPU sources
 // build with -ffp-contract=off: reference.dequantize_absmax), the bf16 rounding of a block's
-// 16-entry table, and the turn of 16 packed bytes into 32 bf16 weights through that table.
+// 16-entry table, and the turn of 32 packed bytes into 64 bf16 weights through that table.
 #pragma once
 
 #include "../kernels.h"
@@ -78,16 +78,23 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i bf16_table
   return _mm512_castsi256_si512(round_to_bf16_16(values));
 }
 
-// 16 packed bytes (32 codes, the first in each byte's high nibble) -> 32 bf16 weights in element
-// order, one vpermw: each 32-bit lane holds the byte's high nibble in its low word and its low
-// nibble in its high word; vpermw reads only the low 5 bits of each index, and the table's entries
-// 16..31 are never indexed (the nibbles are < 16).
-__attribute__((always_inline, target("avx512f,avx512bw"))) inline __m512i decode32_bf16(const uint8_t* bytes,
-                                                                                      __m512i table) {
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(b, 16),
-                                                _mm512_set1_epi32(0x000F0000), 0xF8);
-  return _mm512_permutexvar_epi16(idx, table);
+
+// 32 packed bytes (a 64-element chunk of a row) -> its 32 even elements (the high nibbles) into `even`
+// and its 32 odd ones (the low nibbles) into `odd`, as bf16, through `table`: a block's 16 entries
+// twice (twice(table16)). The bytes are zero-extended to words and looked up by vpermw, which reads an
+// index's low 5 bits: bit 4 (the high nibble's lowest bit, in the unshifted word) falls in the
+// table's second copy. Callers order x the same way (even elements, then odd).
+__attribute__((always_inline, target("avx512f,avx512bw"))) inline void decode64_bf16(const uint8_t* bytes,
+                                                                                   __m512i table, __m512i* even,
+                                                                                   __m512i* odd) {
+  const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+  *even = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);
+  *odd = _mm512_permutexvar_epi16(words, table);
+}
+
+// A 16-entry table (low 256 bits) in both halves.
+__attribute__((target("avx512f,avx512bw"))) inline __m512i twice(__m512i table16) {
+  return _mm512_broadcast_i64x4(_mm512_castsi512_si256(table16));
 }
 #endif
 
