@@ -247,7 +247,8 @@ README_START, README_END = "<!-- bench-table:start -->", "<!-- bench-table:end -
 # The rows the README keeps of a run's Markdown: ours (automatic route) and each peer's headline row.
 README_IMPLS = ("ours:cpu", "ours:cuda", "ours:triton", "bf16 F.linear + LoRA", "bf16 nn.Linear + LoRA",
                 "bitsandbytes", "bitsandbytes gemv_4bit + LoRA", "bitsandbytes dequantize_4bit + F.linear + LoRA",
-                "PEFT LoRA on bnb Linear4bit", "torchao linear_nf4 + LoRA", "torchao linear_nf4 + LoRA, torch.compile")
+                "PEFT LoRA on bnb Linear4bit", "torchao linear_nf4 + LoRA", "torchao linear_nf4 + LoRA, torch.compile",
+                "bf16 model", "bitsandbytes NF4 model")
 
 
 def readme_excerpt(md_path: str) -> str:

@@ -94,18 +94,20 @@ def test_amx_kernel_blocksizes_and_a_wide_row(blocksize):
     _check(_fused(q, x, left, right, 2.0, b), _spec(q, x, left, right, 2.0, b))
 
 
-def test_amx_kernel_dora_scale():
+@pytest.mark.parametrize("M", [19, 70])  # the sliced path (M <= 64) and the panel-group path
+def test_amx_kernel_dora_scale(M):
     _amx_or_skip()
-    q, x, left, right, b = _problem(19, 48, 256, 4, seed=3)
+    q, x, left, right, b = _problem(M, 48, 256, 4, seed=3)
     out_scale = torch.rand(48, generator=torch.Generator().manual_seed(4)) + 0.5
     _check(_fused(q, x, left, right, 1.5, b, out_scale), _spec(q, x, left, right, 1.5, b, out_scale))
 
 
-def test_amx_kernel_per_row_adapters():
+@pytest.mark.parametrize("M", [37, 83])
+def test_amx_kernel_per_row_adapters(M):
     """Rows on three slots of mixed ranks and on the base (-1), out of slot order; entries past a
     slot's rank hold garbage the kernel must not read."""
     _amx_or_skip()
-    M, N, K, R = 37, 45, 128, 8
+    N, K, R = 45, 128, 8
     q, x, _, _, b = _problem(M, N, K, R, seed=5)
     g = torch.Generator().manual_seed(6)
     ranks = torch.tensor([8, 3, 1], dtype=torch.int32)
