@@ -177,24 +177,15 @@ LK_TARGET_AMX void store_accumulators(float* acc) {
   if (C > 3) _tile_stored(3, acc + 3 * kTile * kTile, 64);
 }
 
-template <int C>
-LK_TARGET_AMX void load_accumulators(float* acc) {
-  _tile_loadd(0, acc, 64);
-  if (C > 1) _tile_loadd(1, acc + kTile * kTile, 64);
-  if (C > 2) _tile_loadd(2, acc + 2 * kTile * kTile, 64);
-  if (C > 3) _tile_loadd(3, acc + 3 * kTile * kTile, 64);
-}
-
 struct TileOps {
   void (*zero)();
-  void (*load)(float*);
   void (*accumulate)(const c10::BFloat16*, int64_t, const uint32_t*, int64_t, int64_t);
   void (*store)(float*);
 };
 
 template <int C>
 constexpr TileOps tile_ops_of() {
-  return {&zero_accumulators<C>, &load_accumulators<C>, &accumulate<C>, &store_accumulators<C>};
+  return {&zero_accumulators<C>, &accumulate<C>, &store_accumulators<C>};
 }
 
 TileOps tile_ops(int tiles) {
