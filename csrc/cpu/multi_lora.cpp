@@ -21,27 +21,12 @@
 #endif
 
 #include "../kernels.h"
+#include "elements.h"
 #include "isa.h"
 
 namespace lora_kernels {
 namespace cpu {
 namespace {
-
-float load_as_float(const void* p, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-    case DType::kFP16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-void store_as(void* p, DType dtype, int64_t i, float v) {
-  switch (dtype) {
-    case DType::kBF16: static_cast<c10::BFloat16*>(p)[i] = static_cast<c10::BFloat16>(v); break;
-    case DType::kFP16: static_cast<c10::Half*>(p)[i] = static_cast<c10::Half>(v); break;
-    default: static_cast<float*>(p)[i] = v; break;
-  }
-}
 
 // sum_{j < n} a[j] * b[j], a fp32, b of `dtype` (element offset 0), in fp32.
 float dot_scalar(const float* a, const void* b, DType dtype, int64_t n) {

@@ -25,6 +25,7 @@
 
 #include "../kernels.h"
 #include "../nf4.h"
+#include "elements.h"
 #include "isa.h"
 #include "scales.h"
 
@@ -45,14 +46,6 @@ constexpr int kChunk = 32;       // elements per 16-byte load of packed codes
 #endif
 constexpr int kPrefetchBytes = LK_PREFETCH_BYTES;
 
-
-float load_as_float(const void* p, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-    case DType::kFP16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
 
 // x [M, K] -> fp32 [M, K], each 32-element chunk reordered to (even elements, odd elements).
 void stage_x(const void* x, DType dtype, int64_t M, int64_t K, float* dst) {
@@ -212,19 +205,6 @@ RowDot row_dot_for(int rows) {
     case 2: return pick_row_dot<2>();
     case 3: return pick_row_dot<3>();
     default: return pick_row_dot<4>();
-  }
-}
-
-template <typename T>
-void store(void* out, int64_t i, float v) {
-  static_cast<T*>(out)[i] = static_cast<T>(v);
-}
-
-void store_as(void* out, DType dtype, int64_t i, float v) {
-  switch (dtype) {
-    case DType::kBF16: store<c10::BFloat16>(out, i, v); break;
-    case DType::kFP16: store<c10::Half>(out, i, v); break;
-    default: store<float>(out, i, v); break;
   }
 }
 

@@ -29,6 +29,7 @@
 
 #include "../kernels.h"
 #include "../nf4.h"
+#include "elements.h"
 #include "isa.h"
 #include "scales.h"
 
@@ -61,14 +62,6 @@ TileConfig full_tiles() {
     cfg.rows[t] = kTile;
   }
   return cfg;
-}
-
-float element(const void* p, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-    case DType::kFP16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
 }
 
 // The order of K inside the tiles. A 64-element chunk c of a weight row is 32 packed bytes; its 32
@@ -212,7 +205,7 @@ LK_TARGET_AMX void epilogue_row(const float* acc, const RowLora& term, DType lor
                                  acc, 4);
   __m512 lora = _mm512_setzero_ps();
   for (int64_t j = 0; j < term.rank; ++j)
-    lora = _mm512_add_ps(lora, _mm512_mul_ps(_mm512_set1_ps(element(term.left, lora_dtype, j)),
+    lora = _mm512_add_ps(lora, _mm512_mul_ps(_mm512_set1_ps(load_as_float(term.left, lora_dtype, j)),
                                              _mm512_loadu_ps(right_t + j * kTile)));
   v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(term.scaling), lora));
   if (epi.out_scale != nullptr) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(valid, epi.out_scale + n0));
@@ -235,7 +228,7 @@ struct RightCache {
     if (term.rank == 0 || (term.right == right && term.rank <= rank)) return;
     for (int64_t j = 0; j < term.rank; ++j)
       for (int64_t c = 0; c < kTile; ++c)
-        values[j * kTile + c] = c < cols ? element(term.right, epi.lora_dtype, (n0 + c) * epi.rank + j) : 0.f;
+        values[j * kTile + c] = c < cols ? load_as_float(term.right, epi.lora_dtype, (n0 + c) * epi.rank + j) : 0.f;
     right = term.right;
     rank = term.rank;
   }

@@ -71,13 +71,11 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i bf16_table
 // smallest nonzero |nf4| is 0.0796, so |scale| >= 2^-120 keeps every product normal), the integer
 // rounding elsewhere (and for NaN scales, never produced by the quantizer).
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i bf16_table(float scale) {
+  if (__builtin_fabsf(scale) >= 0x1p-120f && __builtin_fabsf(scale) <= 0x1p+120f) return bf16_table_normal(scale);
   static constexpr float kNF4[16] = LK_NF4_VALUES;
   const __m512 values = _mm512_mul_ps(_mm512_loadu_ps(kNF4), _mm512_set1_ps(scale));
-  if (__builtin_fabsf(scale) >= 0x1p-120f && __builtin_fabsf(scale) <= 0x1p+120f)
-    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
   return _mm512_castsi256_si512(round_to_bf16_16(values));
 }
-
 
 // 32 packed bytes (a 64-element chunk of a row) -> its 32 even elements (the high nibbles) into `even`
 // and its 32 odd ones (the low nibbles) into `odd`, as bf16, through `table`: a block's 16 entries
