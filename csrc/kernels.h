@@ -107,6 +107,10 @@ void quantize_scales_8bit(const float* absmax, int64_t n, float offset, const fl
 // out: [n] of dtype.
 void dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, void* out,
                     DType dtype);
+// The tile deq(W)[n0:n1, k0:k1] of an NF4 matrix (any cols: a block may straddle two rows) into out,
+// row-major with a row stride of `ld` elements, in dtype; the same values as dequantize_nf4.
+void dequantize_nf4_tile(const Nf4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, void* out, int64_t ld,
+                         DType dtype);
 // Fused NF4 GEMV / small GEMM: out [M, w.rows] = x [M, w.cols] . deq(W)^T + epilogue, in one pass over
 // the packed bytes (unpack, table lookup, multiply-add in fp32), multi-threaded over output rows.
 // x and out are row-major contiguous in `dtype` (bf16, fp16 or fp32). Needs w.cols % w.blocksize == 0.

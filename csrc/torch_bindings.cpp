@@ -305,17 +305,16 @@ void add_epilogue(at::Tensor& out, const std::optional<at::Tensor>& lora_left,
   if (bias.has_value()) out.add_(*bias);
 }
 
-// The dequant_gemm route of the CPU and CUDA kernels: `dequantize(buffer)` writes deq(W) [rows, cols]
-// in x's dtype into `buffer`, then one vendor GEMM (oneDNN, cuBLAS) and the epilogue in place.
-// With per-row adapters, `expand(out)` adds each row's own LoRA term (in fp32, rounded once), then the
-// bias is added.
-template <typename Dequantize, typename Expand>
-at::Tensor dequant_gemm(const at::Tensor& x, const MatmulCall& c, const at::Tensor& buffer, Dequantize&& dequantize,
-                        Expand&& expand, const std::optional<at::Tensor>& lora_left,
-                        const std::optional<at::Tensor>& lora_right, double lora_scaling,
-                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale) {
-  dequantize(buffer);
-  at::Tensor out = c.transpose ? at::mm(x, buffer) : at::mm(x, buffer.t());
+// The dequant_gemm route of the CPU and CUDA kernels: `multiply()` returns x . deq(W)^T (or x . deq(W)
+// when transposed) [M, N] in x's dtype, made by dequantizing W and one vendor GEMM (oneDNN, cuBLAS),
+// then the epilogue in place. With per-row adapters, `expand(out)` adds each row's own LoRA term (in
+// fp32, rounded once), then the bias is added.
+template <typename Multiply, typename Expand>
+at::Tensor dequant_gemm(const MatmulCall& c, Multiply&& multiply, Expand&& expand,
+                        const std::optional<at::Tensor>& lora_left, const std::optional<at::Tensor>& lora_right,
+                        double lora_scaling, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& out_scale) {
+  at::Tensor out = multiply();
   if (c.epi.token_slots != nullptr) {
     expand(out);
     if (bias.has_value()) out.add_(*bias);
@@ -391,17 +390,62 @@ at::Tensor dequantize_nf4_cpu(const WeightList& weight, int64_t blocksize, int64
   return out;
 }
 
-// The per-thread scratch buffer of the CPU dequant + GEMM route: it grows to the largest weight
-// this thread has multiplied (one copy in the compute dtype) and is kept for the next call.
-// Reusing it matters: faulting in fresh pages cost more than the dequantization itself. Measured
-// here (Xeon, 2 threads), one whole-weight buffer and one GEMM beat dequantizing tiles into an
-// L2-sized buffer with one GEMM per tile: small GEMMs lose more to oneDNN's per-call packing than
-// the cache saves.
+// The CPU's dequant + GEMM route multiplies W a tile at a time: the tile dequantized into this
+// thread's scratch buffer (kept from call to call: faulting in fresh pages cost more than the
+// dequantization itself), then one oneDNN GEMM on it, multi-threaded. Forward (x [M, cols]), tiles
+// of rows of W give columns of out; transposed (dx = dy . deq(W)), tiles of columns of W give
+// columns of dx, so each output element is still one GEMM's sum over the whole reduction. A tile
+// holds at most kTileBytes (never the whole bf16 W of a large layer), but at least 256 rows or
+// columns: measured here (Xeon, 2 threads, bf16, M = 512 / 2048, 4096x4096, 11008x4096 and
+// 4096x11008, 2026-12-01) tiles of 512 rows or columns ran up to 1.9x slower than one whole GEMM at
+// M = 512, while tiles of 2048 ran as fast (within this machine's run-to-run spread).
+constexpr int64_t kTileBytes = int64_t{16} << 20;
+constexpr int64_t kMinTile = 256;
+
+// How many rows (or columns) of W a tile takes, each of `width` elements: a multiple of 64 unless it
+// is all `total`.
+int64_t tile_extent(int64_t total, int64_t width, int64_t element_size) {
+  const int64_t fits = kTileBytes / (std::max<int64_t>(width, 1) * element_size) / 64 * 64;
+  const int64_t extent = std::max(kMinTile, fits);
+  return extent >= total ? total : extent;
+}
+
 at::Tensor cpu_scratch(int64_t rows, int64_t cols, at::ScalarType dtype) {
   thread_local at::Tensor scratch;
   const int64_t nbytes = rows * cols * static_cast<int64_t>(c10::elementSize(dtype));
   if (!scratch.defined() || scratch.numel() < nbytes) scratch = empty_cpu(nbytes, at::kByte);
   return scratch.narrow(0, 0, nbytes).view(dtype).view({rows, cols});
+}
+
+// x . deq(W)^T [M, rows] (or x . deq(W) [M, cols] when transposed), a tile of W at a time.
+at::Tensor tiled_gemm_cpu(const at::Tensor& x, const MatmulCall& c) {
+  const int64_t rows = c.w.rows, cols = c.w.cols;
+  const auto dtype = x.scalar_type();
+  const DType kernel_dtype = to_dtype(dtype);
+  const int64_t element_size = static_cast<int64_t>(c10::elementSize(dtype));
+  at::Tensor out = at::empty({c.M, c.N}, x.options());
+  if (!c.transpose) {
+    const int64_t extent = tile_extent(rows, cols, element_size);
+    for (int64_t n0 = 0; n0 < rows; n0 += extent) {
+      const int64_t n1 = std::min(rows, n0 + extent);
+      at::Tensor tile = cpu_scratch(n1 - n0, cols, dtype);
+      cpu::dequantize_nf4_tile(c.w, n0, n1, 0, cols, tile.data_ptr(), cols, kernel_dtype);
+      if (n1 - n0 == rows) return at::mm_out(out, x, tile.t());
+      at::Tensor columns = out.narrow(1, n0, n1 - n0);
+      at::mm_out(columns, x, tile.t());
+    }
+    return out;
+  }
+  const int64_t extent = tile_extent(cols, rows, element_size);
+  for (int64_t k0 = 0; k0 < cols; k0 += extent) {
+    const int64_t k1 = std::min(cols, k0 + extent);
+    at::Tensor tile = cpu_scratch(rows, k1 - k0, dtype);
+    cpu::dequantize_nf4_tile(c.w, 0, rows, k0, k1, tile.data_ptr(), k1 - k0, kernel_dtype);
+    if (k1 - k0 == cols) return at::mm_out(out, x, tile);
+    at::Tensor columns = out.narrow(1, k0, k1 - k0);
+    at::mm_out(columns, x, tile);
+  }
+  return out;
 }
 
 at::Tensor nf4_matmul_cpu(const at::Tensor& x, const WeightList& weight, int64_t blocksize, int64_t rows, int64_t cols,
@@ -422,12 +466,9 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const WeightList& weight, int64_t
     cpu::nf4_matmul_fused(x.data_ptr(), to_dtype(dtype), c.M, c.w, c.epi, out.data_ptr());
     return out;
   }
-  const auto dequantize = [&](const at::Tensor& buffer) {
-    cpu::dequantize_nf4(c.w.packed, c.w.scales, blocksize, rows * cols, buffer.data_ptr(), to_dtype(dtype));
-  };
+  const auto multiply = [&] { return tiled_gemm_cpu(x, c); };
   const auto expand = [&](at::Tensor& out) { cpu::lora_expand(out.data_ptr(), to_dtype(dtype), c.M, c.N, c.epi); };
-  return dequant_gemm(x, c, cpu_scratch(rows, cols, dtype), dequantize, expand, lora_left, lora_right, lora_scaling,
-                      bias, out_scale);
+  return dequant_gemm(c, multiply, expand, lora_left, lora_right, lora_scaling, bias, out_scale);
 }
 
 
@@ -542,17 +583,18 @@ at::Tensor nf4_matmul_cuda(const at::Tensor& x, const WeightList& weight, int64_
     return out;
   }
   const at::Tensor bytes = packed_for_dequantize(weight);
-  const auto dequantize = [&](const at::Tensor& buffer) {
+  const auto multiply = [&] {
+    // The whole deq(W), from the caching allocator, so it is reused from call to call.
+    at::Tensor buffer = at::empty({rows, cols}, x.options());
     check_launch(cuda::dequantize_nf4(bytes.data_ptr<uint8_t>(), c.w.scales, blocksize, rows * cols, buffer.data_ptr(),
                                       to_dtype(dtype), stream),
                  "dequantize_nf4");
+    return c.transpose ? at::mm(x, buffer) : at::mm(x, buffer.t());
   };
   const auto expand = [&](at::Tensor& out) {
     check_launch(cuda::lora_expand(out.data_ptr(), to_dtype(dtype), c.M, c.N, c.epi, stream), "lora_expand");
   };
-  // The buffer comes from the caching allocator, so it is reused from call to call.
-  return dequant_gemm(x, c, at::empty({rows, cols}, x.options()), dequantize, expand, lora_left, lora_right,
-                      lora_scaling, bias, out_scale);
+  return dequant_gemm(c, multiply, expand, lora_left, lora_right, lora_scaling, bias, out_scale);
 }
 
 at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_A_slots, const at::Tensor& token_slots,

@@ -1,7 +1,8 @@
 """Every CPU code path the dispatcher can pick (lora_kernels.backends.cpu.CODE_PATHS: scalar, AVX2,
 AVX-512, AVX-512 BF16), each forced by name with LORA_KERNELS_CPU_ISA (read once a process, hence a
 subprocess each): the cap must take effect, and the suites that check the C++ kernels against the
-reference (quantize / dequantize bytes, the fixed edge cases, both matmul routes) must pass on it.
+reference (quantize / dequantize bytes, the fixed edge cases, both matmul routes, the dequant_gemm
+route's tiles) must pass on it.
 A path this machine lacks is skipped with its name, so the skips list what went untested here
 (also printed by `python -m lora_kernels.info`)."""
 
@@ -33,7 +34,7 @@ def test_cpu_kernels_at_each_isa(isa):
     assert probe.stdout.strip() == isa, probe.stdout + probe.stderr  # the cap took effect
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
            "tests/test_quant.py", "tests/test_quant_edges.py", "tests/test_qlora_linear.py", "tests/test_multi_lora.py",
-           "-k", "cpu_routes or (cpu-cpu and not triton)"]
+           "tests/test_cpu_tiles.py", "-k", "cpu_routes or (cpu-cpu and not triton) or tiles"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout

@@ -297,31 +297,40 @@ LK_TARGET_AVX512 void dequantize_avx512_fp32(const uint8_t* bytes, int64_t len, 
 #endif
 
 
+// Elements start .. start + len - 1 of the flat W, all in one block (its scale `scale`), into dst.
+// An odd start (a row of odd length, or a tile's edge) takes its first element, a low nibble, alone.
+template <typename T>
+void dequantize_span(const uint8_t* packed, int64_t start, int64_t len, float scale, T* dst) {
+  if (start % 2 != 0) {
+    static constexpr float kNF4[16] = LK_NF4_VALUES;
+    *dst++ = static_cast<T>(kNF4[packed[start / 2] & 0xF] * scale);
+    ++start;
+    if (--len == 0) return;
+  }
+  const uint8_t* bytes = packed + start / 2;
+#if defined(__x86_64__)
+  if (isa_at_least(Isa::kAvx512)) {
+    if constexpr (std::is_same_v<T, float>)
+      return dequantize_avx512_fp32(bytes, len, scale, dst);
+    else
+      return dequantize_avx512_16bit<T>(bytes, len, scale, dst);
+  }
+  if (isa_at_least(Isa::kAvx2)) {
+    if constexpr (std::is_same_v<T, float>)
+      return dequantize_avx2_fp32(bytes, len, scale, dst);
+    else
+      return dequantize_avx2_16bit<T>(bytes, len, scale, dst);
+  }
+#endif
+  dequantize_scalar(bytes, len, scale, dst);
+}
+
 template <typename T>
 void dequantize_range(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t n, T* out,
                       int64_t first, int64_t last) {
   for (int64_t b = first; b < last; ++b) {
-    const float scale = block_scale(scales, b);
     const int64_t start = b * blocksize;
-    const int64_t len = std::min(blocksize, n - start);
-    const uint8_t* bytes = packed + start / 2;
-#if defined(__x86_64__)
-    if (isa_at_least(Isa::kAvx512)) {
-      if constexpr (std::is_same_v<T, float>)
-        dequantize_avx512_fp32(bytes, len, scale, out + start);
-      else
-        dequantize_avx512_16bit<T>(bytes, len, scale, out + start);
-      continue;
-    }
-    if (isa_at_least(Isa::kAvx2)) {
-      if constexpr (std::is_same_v<T, float>)
-        dequantize_avx2_fp32(bytes, len, scale, out + start);
-      else
-        dequantize_avx2_16bit<T>(bytes, len, scale, out + start);
-      continue;
-    }
-#endif
-    dequantize_scalar(bytes, len, scale, out + start);
+    dequantize_span(packed, start, std::min(blocksize, n - start), block_scale(scales, b), out + start);
   }
 }
 
@@ -412,6 +421,26 @@ void dequantize_nf4(const uint8_t* packed, const BlockScales& scales, int64_t bl
     using T = decltype(tag);
     at::parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t first, int64_t last) {
       dequantize_range(packed, scales, blocksize, n, static_cast<T*>(out), first, last);
+    });
+  });
+}
+
+void dequantize_nf4_tile(const Nf4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, void* out, int64_t ld,
+                         DType dtype) {
+  const int64_t K = w.cols, bs = w.blocksize;
+  for_each_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    // rows of the tile over threads, about 32K elements a task
+    at::parallel_for(n0, n1, std::max<int64_t>(1, (1 << 15) / (k1 - k0)), [&](int64_t first, int64_t last) {
+      for (int64_t n = first; n < last; ++n) {
+        T* dst = static_cast<T*>(out) + (n - n0) * ld;
+        for (int64_t e = n * K + k0, end = n * K + k1; e < end;) {  // a row's span, cut at block edges
+          const int64_t block = e / bs, stop = std::min(end, (block + 1) * bs);
+          dequantize_span(w.packed, e, stop - e, block_scale(w.scales, block), dst);
+          dst += stop - e;
+          e = stop;
+        }
+      }
     });
   });
 }
