@@ -395,10 +395,11 @@ at::Tensor dequantize_nf4_cpu(const WeightList& weight, int64_t blocksize, int64
 // dequantization itself), then one oneDNN GEMM on it, multi-threaded. Forward (x [M, cols]), tiles
 // of rows of W give columns of out; transposed (dx = dy . deq(W)), tiles of columns of W give
 // columns of dx, so each output element is still one GEMM's sum over the whole reduction. A tile
-// holds at most kTileBytes (never the whole bf16 W of a large layer), but at least 256 rows or
-// columns: measured here (Xeon, 2 threads, bf16, M = 512 / 2048, 4096x4096, 11008x4096 and
-// 4096x11008, 2026-12-01) tiles of 512 rows or columns ran up to 1.9x slower than one whole GEMM at
-// M = 512, while tiles of 2048 ran as fast (within this machine's run-to-run spread).
+// holds kTileBytes, or kMinTile rows or columns where those are larger (never the whole bf16 W of a
+// large layer; dx of a 128256 x 4096 head takes 256 columns, 64 MB, a sixteenth of it). Measured
+// here (Xeon, 2 threads, bf16, M = 512 / 2048, 4096x4096, 11008x4096 and 4096x11008, 2026-12-01):
+// tiles of 512 rows or columns ran up to 1.9x slower than one whole GEMM at M = 512, while tiles of
+// 2048 ran as fast (within this machine's run-to-run spread).
 constexpr int64_t kTileBytes = int64_t{16} << 20;
 constexpr int64_t kMinTile = 256;
 

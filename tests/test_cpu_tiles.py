@@ -1,8 +1,8 @@
 """The CPU's dequant_gemm route multiplies W a tile at a time (csrc/torch_bindings.cpp,
 tiled_gemm_cpu): forward, tiles of rows of W; transposed (the backward's dx), tiles of columns, each
-dequantized into a scratch of at most 16 MiB (kTileBytes) and multiplied by one oneDNN GEMM. The shapes
-here are just over that budget, with an odd number of columns, so a tile's edge cuts blocks and rows
-start on odd elements (a low nibble first).
+dequantized into a scratch of 16 MiB (kTileBytes; 256 rows or columns if those are larger) and
+multiplied by one oneDNN GEMM. The shapes here are just over that budget, with an odd number of
+columns, so a tile's edge cuts blocks and rows start on odd elements (a low nibble first).
 
 Two checks, through the op itself (route "dequant_gemm"):
 - exact: x made of one-hot rows picks single elements of deq(W) (forward: columns of W, transposed:

@@ -3,7 +3,7 @@
 Routes: "fused", a GEMV-style kernel that reads the packed bytes (AVX-512 BF16 dot products for
 bf16 x; AVX-512 / AVX2 / scalar fp32 otherwise), and for bf16 x from M = 3 on a CPU with AMX an AMX
 kernel (16-row panels of W decoded into L2, multiplied in tiles), forward only, in_features a multiple
-of the blocksize; "dequant_gemm", W dequantized a tile (at most 16 MiB) at a time into a scratch
+of the blocksize; "dequant_gemm", W dequantized a tile (about 16 MiB) at a time into a scratch
 buffer, each tile multiplied by one oneDNN GEMM.
 """
 
