@@ -128,8 +128,16 @@ LK_TARGET_AVX512BF16 void row_dot_avx512bf16(const uint8_t* bytes, const BlockSc
                                       int64_t blocksize, const uint16_t* xs, int64_t x_stride, float* result) {
   __m512 even_acc[R], odd_acc[R];
   for (int r = 0; r < R; ++r) even_acc[r] = odd_acc[r] = _mm512_setzero_ps();
+  // The block scales are decoded kScaleRun at a time ahead of the blocks (block_scales: 16 a step,
+  // and one range check for the run): timed alone, a table's scale decoded inside the loop cost 0.5
+  // of 4.7 ns per 64 weights.
+  constexpr int64_t kScaleRun = 64;
+  alignas(64) float scales[kScaleRun];
+  bool normal = true;
   for (int64_t b = 0, k0 = 0; k0 < K; ++b, k0 += blocksize) {
-    const __m512i table = twice(bf16_table(block_scale(s, first_block + b)));
+    if (b % kScaleRun == 0) normal = block_scales(s, first_block + b, std::min(kScaleRun, K / blocksize - b), scales);
+    const float scale = scales[b % kScaleRun];
+    const __m512i table = twice(normal ? bf16_table_normal(scale) : bf16_table(scale));
     for (int64_t c = k0; c < k0 + blocksize; c += 64) {
       // The packed row streams from memory (a real model's weights are never cached): ask for the
       // bytes kPrefetchBytes ahead, past what the hardware prefetcher covers at this rate.
