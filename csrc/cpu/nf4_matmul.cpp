@@ -129,7 +129,7 @@ LK_TARGET_AVX512BF16 void row_dot_avx512bf16(const uint8_t* bytes, const float* 
   __m512 even_acc[R], odd_acc[R];
   for (int r = 0; r < R; ++r) even_acc[r] = odd_acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0, k0 = 0; k0 < K; ++b, k0 += blocksize) {
-    const __m512i table = twice(normal ? bf16_table_normal(scales[b]) : bf16_table(scales[b]));
+    const __m512i table = decode_table(scales[b], normal);
     for (int64_t c = k0; c < k0 + blocksize; c += 64) {
       // The packed row streams from memory (a real model's weights are never cached): ask for the
       // bytes kPrefetchBytes ahead, past what the hardware prefetcher covers at this rate.

@@ -105,7 +105,7 @@ LK_TARGET_AMX void decode_tiles(const Nf4Matrix& w, int64_t n0, int64_t rows, in
     const uint8_t* bytes = w.packed + (n0 + r) * K / 2;
     const float* row_scales = scales + r * blocks_per_row;
     for (int64_t b = b0; b <= b1; ++b) {
-      const __m512i table = twice(normal[r] ? bf16_table_normal(row_scales[b]) : bf16_table(row_scales[b]));
+      const __m512i table = decode_table(row_scales[b], normal[r]);
       const int64_t begin = std::max(k0, b * bs), end = std::min(k0 + width, (b + 1) * bs);
       for (int64_t k = begin; k < end; k += 64) {
         __m512i even, odd;

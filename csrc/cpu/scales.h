@@ -94,6 +94,12 @@ __attribute__((always_inline, target("avx512f,avx512bw"))) inline void decode64_
 __attribute__((target("avx512f,avx512bw"))) inline __m512i twice(__m512i table16) {
   return _mm512_broadcast_i64x4(_mm512_castsi512_si256(table16));
 }
+
+// The table decode64_bf16 takes for a block of this scale: bf16_table twice, by bf16_table_normal
+// straight away where block_scales said the scale's whole run is in its range (`normal`).
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i decode_table(float scale, bool normal) {
+  return twice(normal ? bf16_table_normal(scale) : bf16_table(scale));
+}
 #endif
 
 }  // namespace cpu
