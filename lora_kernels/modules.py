@@ -1,10 +1,11 @@
-"""QLoRALinear, the drop-in layer, and replace_linear, the one-call swap of a model's nn.Linear layers.
+"""The adapter layers on an NF4 base, and replace_linear, the one-call swap of a model's nn.Linear layers.
 
-A QLoRALinear holds a frozen NF4 base weight W [out, in] (as buffers, so `.to(device)` moves it and
-never casts it), the trainable LoRA factors lora_A [r, in] and lora_B [out, r], with use_dora=True
-DoRA's trainable magnitude lora_magnitude_vector [out], and an optional bias [out]. Its state dict
-keeps the base in bitsandbytes' `Linear4bit` layout (`weight`, `weight.absmax`,
-`weight.quant_state.bitsandbytes__nf4`, ...) beside `lora_A`, `lora_B`, `lora_magnitude_vector` and `bias`.
+NF4Linear is the frozen base every adapter layer stands on: W [out, in] in NF4 (as buffers, so
+`.to(device)` moves it and never casts it) and an optional bias [out]; its state dict keeps W in
+bitsandbytes' `Linear4bit` layout (`weight`, `weight.absmax`, `weight.quant_state.bitsandbytes__nf4`,
+...). QLoRALinear adds the trainable LoRA factors lora_A [r, in] and lora_B [out, r] and, with
+use_dora=True, DoRA's trainable magnitude lora_magnitude_vector [out]. VeRA (vera.py) and IA3 (ia3.py)
+are NF4Linear subclasses too; replace_linear(method=...) builds any of them.
 """
 
 from __future__ import annotations
@@ -74,54 +75,26 @@ PEFT_PREFIX = "base_model.model."
 MAGNITUDE_KEY = "lora_magnitude_vector"
 
 
-class QLoRALinear(nn.Module):
-    """y = x . deq(W)^T + scaling * (dropout(x) . A^T) . B^T + bias, W frozen in NF4.
-
-    x: [..., in_features] -> y: [..., out_features]. The matmul runs in `compute_dtype` (x is cast to
-    it, and the result cast back to x's dtype, as bitsandbytes' Linear4bit does). scaling is
-    lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora. A starts Kaiming-uniform and B at zero,
-    so a fresh layer computes exactly the quantized base.
-
-    use_dora=True (QDoRA, PEFT's `use_dora`): y = m / ||deq(W) + scaling.B.A||_row * (x . deq(W)^T +
-    scaling . x . A^T . B^T) + bias, with the magnitude m = `lora_magnitude_vector` [out] trained beside
-    A and B and the norm a constant for autograd (api.dora_linear). m starts at the row norms of
-    deq(W) + scaling.B.A, as PEFT's, so a fresh layer still computes the quantized base. In eval mode
-    without gradients the scale m / norm is kept until m, A, B or the base change.
+class NF4Linear(nn.Module):
+    """The frozen NF4 base that every adapter layer of lora-kernels stands on: W [out, in] in NF4 (the
+    packed bytes a frozen uint8 parameter, the block scales buffers, so `.to(device)` moves them and
+    never casts them), an optional frozen bias [out], and the compute dtype the matmul runs in. Its
+    state dict keeps W in bitsandbytes' `Linear4bit` layout (`weight`, `weight.absmax`,
+    `weight.quant_state.bitsandbytes__nf4`, ...). The adapters live in the subclasses: QLoRALinear
+    (LoRA, rsLoRA, DoRA), QVeRALinear (vera.py) and QIA3Linear (ia3.py); each defines `forward`,
+    `adapter_parameters()` and `adapter_state_dict()`.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        r: int = 16,
-        lora_alpha: float = 32,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        blocksize: int | None = None,
-        double_quant: bool | None = None,
-        compute_dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str | None = None,
-        lora_dtype: torch.dtype = torch.float32,
-        _weight: NF4Weight | None = None,
-    ) -> None:
-        super().__init__()
+    def _init_base(self, in_features: int, out_features: int, *, blocksize: int | None, double_quant: bool | None,
+                   compute_dtype: torch.dtype, device, _weight: NF4Weight | None) -> None:
+        """The base weight: `_weight`, or a fresh one (nn.Linear's initialisation, then quantized)."""
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be positive, got {in_features} and {out_features}")
-        problems = _lora_config_problems(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                                         use_dora=use_dora)
-        if problems:
-            raise ValueError("; ".join(problems))
-        if compute_dtype not in SUPPORTED_DTYPES or lora_dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"compute_dtype and lora_dtype must be one of {SUPPORTED_DTYPES}")
+        if compute_dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {SUPPORTED_DTYPES}, got {compute_dtype}")
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.lora_alpha, self.use_rslora, self.use_dora = r, lora_alpha, use_rslora, use_dora
-        self.lora_dropout = lora_dropout
         self.compute_dtype = compute_dtype
         if _weight is None:
-            # A fresh layer: nn.Linear's initialisation, then quantized.
             dense = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
             nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
             _weight = quantize_nf4(dense.to(compute_dtype), blocksize=64 if blocksize is None else blocksize,
@@ -132,66 +105,16 @@ class QLoRALinear(nn.Module):
                 if asked is not None and asked != has:
                     raise ValueError(f"{key}={asked!r} was asked for, but the given weight has {key}={has!r}")
         self._set_weight(_weight)
-        dev = self.nf4_packed.device
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=dev, dtype=lora_dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=dev, dtype=lora_dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def _init_bias(self, bias: bool) -> None:
+        """A frozen bias [out] in the compute dtype (nn.Linear's initialisation), or none."""
         if bias:
-            bound = 1 / math.sqrt(in_features)
-            self.bias = nn.Parameter(torch.empty(out_features, device=dev, dtype=compute_dtype), requires_grad=False)
+            bound = 1 / math.sqrt(self.in_features)
+            self.bias = nn.Parameter(torch.empty(self.out_features, device=self.nf4_packed.device,
+                                                 dtype=self.compute_dtype), requires_grad=False)
             nn.init.uniform_(self.bias, -bound, bound)
         else:
             self.register_parameter("bias", None)
-        if use_dora:
-            self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=dev, dtype=lora_dtype))
-            self.reset_dora_magnitude()
-
-    # ---- DoRA ----------------------------------------------------------------------------------
-    def reset_dora_magnitude(self) -> None:
-        """m = ||deq(W) + scaling . B . A|| of each output row, in m's dtype (PEFT's initialisation),
-        so that the scale m / norm is 1. Computed without a dense [out, in] tensor."""
-        with torch.no_grad():
-            self.lora_magnitude_vector.copy_(self.dora_weight_norm())
-
-    def dora_weight_norm(self) -> torch.Tensor:
-        """||deq(W) + scaling . B . A|| of each output row, [out] in the magnitude's dtype (no gradient)."""
-        return dora_weight_norm(self.qweight, self.lora_A.detach(), self.lora_B.detach(), self.scaling,
-                                dtype=self.compute_dtype, out_dtype=self.lora_magnitude_vector.dtype,
-                                weight_sq_norm=self.weight_sq_norm())
-
-    def weight_sq_norm(self) -> torch.Tensor:
-        """||deq(W)_i||^2 of each row of the frozen base, with W in the compute dtype: fp32 [out]. Computed
-        once (a dequantization a few rows at a time) and again only when the base changes (a new
-        weight, a device move, an in-place write to the bytes or scales, another compute dtype)."""
-        key = self._base_key()
-        cached = self.__dict__.get("_weight_sq_norm_cache")
-        if cached is not None and (torch.compiler.is_compiling() or _same_key(cached[0], key)):
-            return cached[1]
-        value = weight_row_sq_norms(self.qweight, self.compute_dtype)
-        if not torch.compiler.is_compiling():
-            self.__dict__["_weight_sq_norm_cache"] = (key, value)
-        return value
-
-    def _base_key(self) -> tuple:
-        # The parameter object, not the tensor qweight hands out: under FSDP2 that is a fresh
-        # all-gathered tensor each step, while the bytes themselves do not change.
-        return _version_key(self._parameters[_NF4_PARAM], *(self._buffers[name] for name in _NF4_BUFFERS)), \
-            self.compute_dtype
-
-    def _eval_dora_scale(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The cached scale m / norm, for an eval-mode call that computes no gradient; None otherwise."""
-        if self.training or torch.compiler.is_compiling():
-            return None
-        params = (self.lora_magnitude_vector, self.lora_A, self.lora_B)
-        if _wants_grad(x, self.lora_A, self.lora_B, self.bias, None, self.lora_magnitude_vector):
-            return None
-        key = (self._base_key(), _version_key(*params), self.scaling)
-        cached = self.__dict__.get("_dora_scale_cache")
-        if cached is None or not _same_key(cached[0], key):
-            magnitude = self.lora_magnitude_vector.detach()
-            cached = (key, magnitude / self.dora_weight_norm())
-            self.__dict__["_dora_scale_cache"] = cached
-        return cached[1]
 
     # ---- the base weight ----------------------------------------------------------------------
     def _set_weight(self, q: NF4Weight) -> None:
@@ -233,10 +156,6 @@ class QLoRALinear(nn.Module):
         )
         return q
 
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() would cast the fp32 block scales (and FSDP's param_dtype the
         # same): the NF4 tensors follow the module's device moves, never its dtype casts.
@@ -255,6 +174,244 @@ class QLoRALinear(nn.Module):
         return self
 
     # ---- many adapters (lora_kernels.AdapterPool) ----------------------------------------------
+
+    def weight_sq_norm(self) -> torch.Tensor:
+        """||deq(W)_i||^2 of each row of the frozen base, with W in the compute dtype: fp32 [out]. Computed
+        once (a dequantization a few rows at a time) and again only when the base changes (a new
+        weight, a device move, an in-place write to the bytes or scales, another compute dtype)."""
+        key = self._base_key()
+        cached = self.__dict__.get("_weight_sq_norm_cache")
+        if cached is not None and (torch.compiler.is_compiling() or _same_key(cached[0], key)):
+            return cached[1]
+        value = weight_row_sq_norms(self.qweight, self.compute_dtype)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_weight_sq_norm_cache"] = (key, value)
+        return value
+
+    def _base_key(self) -> tuple:
+        # The parameter object, not the tensor qweight hands out: under FSDP2 that is a fresh
+        # all-gathered tensor each step, while the bytes themselves do not change.
+        return _version_key(self._parameters[_NF4_PARAM], *(self._buffers[name] for name in _NF4_BUFFERS)), \
+            self.compute_dtype
+
+    # ---- building ------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **lora_kwargs) -> NF4Linear:
+        """Quantize an existing nn.Linear (its weight in compute_dtype, as bitsandbytes does) and
+        wrap it in this class (lora_kwargs: the class's own keywords). The bias is copied in the compute dtype and stays frozen unless the caller unfreezes it."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        compute_dtype = lora_kwargs.get("compute_dtype", torch.bfloat16)
+        weight = linear.weight.detach()
+        if not weight.is_meta and not torch.isfinite(weight).all():  # a meta weight has no values to check
+            raise ValueError("the linear layer's weight contains NaN or Inf; NF4 cannot represent them")
+        q = quantize_nf4(
+            weight.to(compute_dtype),
+            blocksize=lora_kwargs.pop("blocksize", 64),
+            double_quant=lora_kwargs.pop("double_quant", True),
+        )
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, _weight=q, **lora_kwargs)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias.detach().to(layer.bias.dtype))
+        return layer
+
+    @classmethod
+    def from_bnb(cls, linear4bit: nn.Module, **lora_kwargs) -> NF4Linear:
+        """Wrap a quantized bitsandbytes `Linear4bit` (NF4) without dequantizing it: the new layer's
+        NF4 buffers are bitsandbytes' own packed bytes and scales, and its bias the same tensor (shared,
+        not copied). The compute dtype defaults to the Linear4bit's (or, unset, its weight's dtype).
+        lora_kwargs: QLoRALinear's LoRA keywords (r, lora_alpha, lora_dropout, use_rslora, compute_dtype,
+        lora_dtype); blocksize and double quantization come from the bitsandbytes layer."""
+        from . import reference
+
+        weight = getattr(linear4bit, "weight", None)
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is None:
+            raise ValueError(f"from_bnb expects a quantized bitsandbytes Linear4bit, got {type(linear4bit).__name__} "
+                             "without a quant_state (bitsandbytes quantizes a Linear4bit when it is moved to a device)")
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes 0.50, Linear4bit.forward: an inference call on a CPU with AVX512-BF16 repacks
+            # the weight in place into its own tile layout with bf16 block scales; the NF4 bytes and
+            # double-quantized scales it was loaded with are gone, and its inverse re-quantizes them.
+            raise ValueError("this Linear4bit was repacked by bitsandbytes' CPU inference path (AVX512-BF16 layout "
+                             "with bf16 scales); its original NF4 bytes are gone. Load it again from its checkpoint.")
+        for key in ("blocksize", "double_quant"):
+            if key in lora_kwargs:
+                raise TypeError(f"from_bnb takes {key} from the bitsandbytes layer, not as a keyword")
+        if not torch.equal(quant_state.code.float().cpu(), reference.nf4_code()):
+            raise ValueError(f"the Linear4bit's code book is not NF4 (quant_type={quant_state.quant_type!r})")
+        q = NF4Weight.from_bnb(weight, quant_state)
+        if len(q.shape) != 2:
+            raise ValueError(f"the Linear4bit's weight has shape {tuple(q.shape)}, expected [out, in]")
+        compute_dtype = lora_kwargs.pop("compute_dtype", None) or getattr(linear4bit, "compute_dtype", None) or q.dtype
+        out_features, in_features = q.shape
+        bias = getattr(linear4bit, "bias", None)
+        layer = cls(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype, _weight=q,
+                    **lora_kwargs)
+        if bias is not None:
+            # kept in its own dtype (shared, frozen), so a round trip to bitsandbytes is exact; the forward
+            # casts it to the compute dtype, as Linear4bit does
+            layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        return layer
+
+    def to_bnb(self) -> nn.Module:
+        """The base layer as a bitsandbytes `Linear4bit` (nf4) holding the same NF4 bytes and scales (shared,
+        not copied) and this layer's bias; the LoRA factors are not part of it (save them with
+        `save_peft_adapter`, or `merge()` first)."""
+        import bitsandbytes as bnb
+
+        packed, quant_state = self.qweight.to_bnb()
+        layer = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=self.bias is not None,
+                                  compute_dtype=self.compute_dtype, compress_statistics=self.double_quant,
+                                  quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=quant_state, blocksize=self.blocksize,
+                                         compress_statistics=self.double_quant, quant_type="nf4",
+                                         quant_storage=torch.uint8, module=layer, bnb_quantized=True)
+        if self.bias is not None:
+            layer.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
+        return layer
+
+    # ---- state dicts ---------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + _NF4_PARAM, None)  # saved below, in bitsandbytes' layout
+        for key, t in self.qweight.state_dict(prefix=f"{prefix}weight").items():
+            destination[key] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Everything is read and checked first; the layer changes only if every tensor fits, so a
+        # bad state dict leaves it as it was.
+        weight_keys = [k for k in state_dict if k == f"{prefix}weight" or k.startswith(f"{prefix}weight.")]
+        problems, q = [], None
+        if f"{prefix}weight" not in state_dict:
+            missing_keys.append(f"{prefix}weight")
+        else:
+            try:
+                sub = {k: state_dict[k] for k in weight_keys}
+                # load_state_dict(assign=True) takes the state dict's device (a meta model loaded
+                # without to_empty); otherwise the tensors come to the layer's device, as torch's copy_
+                assign = local_metadata.get("assign_to_params_buffers", False)
+                q = NF4Weight.from_state_dict(sub, prefix=f"{prefix}weight",
+                                              device=None if assign else self.nf4_packed.device)
+                if tuple(q.shape) != (self.out_features, self.in_features):
+                    raise ValueError(f"{prefix}weight: shape {tuple(q.shape)}, the layer is "
+                                     f"[{self.out_features}, {self.in_features}]")
+            except ValueError as exc:  # from_state_dict names the key; torch reports it with the others
+                problems.append(str(exc))
+        for name, param in self._parameters.items():
+            key = prefix + name
+            if name == _NF4_PARAM:
+                continue
+            if param is not None and key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
+                problems.append(f"{key}: shape {tuple(state_dict[key].shape)}, the layer's is {tuple(param.shape)}")
+        if problems:
+            error_msgs.extend(problems)
+            return
+        rest = {k: v for k, v in state_dict.items() if k not in weight_keys}
+        if q is not None:
+            # from_state_dict copied every NF4 tensor, contiguous, onto the layer's device: the layer
+            # keeps none of the caller's tensors (nn.Linear copies too). The parameter's own key is
+            # given so torch sees it loaded.
+            rest[prefix + _NF4_PARAM] = q.packed
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + _NF4_PARAM in missing_keys:  # reported as `weight` above, the name users know
+            missing_keys.remove(prefix + _NF4_PARAM)
+        if q is not None:
+            self._set_weight(q)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The layer's trainable adapter tensors (none for the bare base)."""
+        return []
+
+
+class QLoRALinear(NF4Linear):
+    """y = x . deq(W)^T + scaling * (dropout(x) . A^T) . B^T + bias, W frozen in NF4.
+
+    x: [..., in_features] -> y: [..., out_features]. The matmul runs in `compute_dtype` (x is cast to
+    it, and the result cast back to x's dtype, as bitsandbytes' Linear4bit does). scaling is
+    lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora. A starts Kaiming-uniform and B at zero,
+    so a fresh layer computes exactly the quantized base.
+
+    use_dora=True (QDoRA, PEFT's `use_dora`): y = m / ||deq(W) + scaling.B.A||_row * (x . deq(W)^T +
+    scaling . x . A^T . B^T) + bias, with the magnitude m = `lora_magnitude_vector` [out] trained beside
+    A and B and the norm a constant for autograd (api.dora_linear). m starts at the row norms of
+    deq(W) + scaling.B.A, as PEFT's, so a fresh layer still computes the quantized base. In eval mode
+    without gradients the scale m / norm is kept until m, A, B or the base change.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 16,
+        lora_alpha: float = 32,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        blocksize: int | None = None,
+        double_quant: bool | None = None,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        lora_dtype: torch.dtype = torch.float32,
+        _weight: NF4Weight | None = None,
+    ) -> None:
+        super().__init__()
+        problems = _lora_config_problems(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                                         use_dora=use_dora)
+        if problems:
+            raise ValueError("; ".join(problems))
+        if lora_dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"lora_dtype must be one of {SUPPORTED_DTYPES}")
+        self.r, self.lora_alpha, self.use_rslora, self.use_dora = r, lora_alpha, use_rslora, use_dora
+        self.lora_dropout = lora_dropout
+        self._init_base(in_features, out_features, blocksize=blocksize, double_quant=double_quant,
+                        compute_dtype=compute_dtype, device=device, _weight=_weight)
+        dev = self.nf4_packed.device
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=dev, dtype=lora_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=dev, dtype=lora_dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self._init_bias(bias)
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=dev, dtype=lora_dtype))
+            self.reset_dora_magnitude()
+
+    # ---- DoRA ----------------------------------------------------------------------------------
+    def reset_dora_magnitude(self) -> None:
+        """m = ||deq(W) + scaling . B . A|| of each output row, in m's dtype (PEFT's initialisation),
+        so that the scale m / norm is 1. Computed without a dense [out, in] tensor."""
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.dora_weight_norm())
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """||deq(W) + scaling . B . A|| of each output row, [out] in the magnitude's dtype (no gradient)."""
+        return dora_weight_norm(self.qweight, self.lora_A.detach(), self.lora_B.detach(), self.scaling,
+                                dtype=self.compute_dtype, out_dtype=self.lora_magnitude_vector.dtype,
+                                weight_sq_norm=self.weight_sq_norm())
+
+    def _eval_dora_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The cached scale m / norm, for an eval-mode call that computes no gradient; None otherwise."""
+        if self.training or torch.compiler.is_compiling():
+            return None
+        params = (self.lora_magnitude_vector, self.lora_A, self.lora_B)
+        if _wants_grad(x, self.lora_A, self.lora_B, self.bias, None, self.lora_magnitude_vector):
+            return None
+        key = (self._base_key(), _version_key(*params), self.scaling)
+        cached = self.__dict__.get("_dora_scale_cache")
+        if cached is None or not _same_key(cached[0], key):
+            magnitude = self.lora_magnitude_vector.detach()
+            cached = (key, magnitude / self.dora_weight_norm())
+            self.__dict__["_dora_scale_cache"] = cached
+        return cached[1]
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
     @property
     def adapter_pool(self):
         """The batch state of the AdapterPool this layer belongs to, or None."""
@@ -312,84 +469,6 @@ class QLoRALinear(nn.Module):
             f"double_quant={self.double_quant}"
         )
 
-    # ---- building ------------------------------------------------------------------------------
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **lora_kwargs) -> QLoRALinear:
-        """Quantize an existing nn.Linear (its weight in compute_dtype, as bitsandbytes does) and
-        wrap it. The bias is copied in the compute dtype and stays frozen unless the caller unfreezes it."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        compute_dtype = lora_kwargs.get("compute_dtype", torch.bfloat16)
-        weight = linear.weight.detach()
-        if not weight.is_meta and not torch.isfinite(weight).all():  # a meta weight has no values to check
-            raise ValueError("the linear layer's weight contains NaN or Inf; NF4 cannot represent them")
-        q = quantize_nf4(
-            weight.to(compute_dtype),
-            blocksize=lora_kwargs.pop("blocksize", 64),
-            double_quant=lora_kwargs.pop("double_quant", True),
-        )
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, _weight=q, **lora_kwargs)
-        if linear.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(linear.bias.detach().to(layer.bias.dtype))
-        return layer
-
-    @classmethod
-    def from_bnb(cls, linear4bit: nn.Module, **lora_kwargs) -> QLoRALinear:
-        """Wrap a quantized bitsandbytes `Linear4bit` (NF4) without dequantizing it: the new layer's
-        NF4 buffers are bitsandbytes' own packed bytes and scales, and its bias the same tensor (shared,
-        not copied). The compute dtype defaults to the Linear4bit's (or, unset, its weight's dtype).
-        lora_kwargs: QLoRALinear's LoRA keywords (r, lora_alpha, lora_dropout, use_rslora, compute_dtype,
-        lora_dtype); blocksize and double quantization come from the bitsandbytes layer."""
-        from . import reference
-
-        weight = getattr(linear4bit, "weight", None)
-        quant_state = getattr(weight, "quant_state", None)
-        if quant_state is None:
-            raise ValueError(f"from_bnb expects a quantized bitsandbytes Linear4bit, got {type(linear4bit).__name__} "
-                             "without a quant_state (bitsandbytes quantizes a Linear4bit when it is moved to a device)")
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            # bitsandbytes 0.50, Linear4bit.forward: an inference call on a CPU with AVX512-BF16 repacks
-            # the weight in place into its own tile layout with bf16 block scales; the NF4 bytes and
-            # double-quantized scales it was loaded with are gone, and its inverse re-quantizes them.
-            raise ValueError("this Linear4bit was repacked by bitsandbytes' CPU inference path (AVX512-BF16 layout "
-                             "with bf16 scales); its original NF4 bytes are gone. Load it again from its checkpoint.")
-        for key in ("blocksize", "double_quant"):
-            if key in lora_kwargs:
-                raise TypeError(f"from_bnb takes {key} from the bitsandbytes layer, not as a keyword")
-        if not torch.equal(quant_state.code.float().cpu(), reference.nf4_code()):
-            raise ValueError(f"the Linear4bit's code book is not NF4 (quant_type={quant_state.quant_type!r})")
-        q = NF4Weight.from_bnb(weight, quant_state)
-        if len(q.shape) != 2:
-            raise ValueError(f"the Linear4bit's weight has shape {tuple(q.shape)}, expected [out, in]")
-        compute_dtype = lora_kwargs.pop("compute_dtype", None) or getattr(linear4bit, "compute_dtype", None) or q.dtype
-        out_features, in_features = q.shape
-        bias = getattr(linear4bit, "bias", None)
-        layer = cls(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype, _weight=q,
-                    **lora_kwargs)
-        if bias is not None:
-            # kept in its own dtype (shared, frozen), so a round trip to bitsandbytes is exact; the forward
-            # casts it to the compute dtype, as Linear4bit does
-            layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
-        return layer
-
-    def to_bnb(self) -> nn.Module:
-        """The base layer as a bitsandbytes `Linear4bit` (nf4) holding the same NF4 bytes and scales (shared,
-        not copied) and this layer's bias; the LoRA factors are not part of it (save them with
-        `save_peft_adapter`, or `merge()` first)."""
-        import bitsandbytes as bnb
-
-        packed, quant_state = self.qweight.to_bnb()
-        layer = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=self.bias is not None,
-                                  compute_dtype=self.compute_dtype, compress_statistics=self.double_quant,
-                                  quant_type="nf4", device="meta")
-        layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=quant_state, blocksize=self.blocksize,
-                                         compress_statistics=self.double_quant, quant_type="nf4",
-                                         quant_storage=torch.uint8, module=layer, bnb_quantized=True)
-        if self.bias is not None:
-            layer.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
-        return layer
-
     # ---- merging -------------------------------------------------------------------------------
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """deq(W) + scaling * B . A, [out, in], in dtype (default: the compute dtype); with DoRA,
@@ -431,56 +510,6 @@ class QLoRALinear(nn.Module):
         err = q.dequantize(torch.float32) - merged.float()
         layer.requantization_error = {"rms": float(err.pow(2).mean().sqrt()), "max": float(err.abs().max())}
         return layer
-
-    # ---- state dicts ---------------------------------------------------------------------------
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination.pop(prefix + _NF4_PARAM, None)  # saved below, in bitsandbytes' layout
-        for key, t in self.qweight.state_dict(prefix=f"{prefix}weight").items():
-            destination[key] = t
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # Everything is read and checked first; the layer changes only if every tensor fits, so a
-        # bad state dict leaves it as it was.
-        weight_keys = [k for k in state_dict if k == f"{prefix}weight" or k.startswith(f"{prefix}weight.")]
-        problems, q = [], None
-        if f"{prefix}weight" not in state_dict:
-            missing_keys.append(f"{prefix}weight")
-        else:
-            try:
-                sub = {k: state_dict[k] for k in weight_keys}
-                # load_state_dict(assign=True) takes the state dict's device (a meta model loaded
-                # without to_empty); otherwise the tensors come to the layer's device, as torch's copy_
-                assign = local_metadata.get("assign_to_params_buffers", False)
-                q = NF4Weight.from_state_dict(sub, prefix=f"{prefix}weight",
-                                              device=None if assign else self.nf4_packed.device)
-                if tuple(q.shape) != (self.out_features, self.in_features):
-                    raise ValueError(f"{prefix}weight: shape {tuple(q.shape)}, the layer is "
-                                     f"[{self.out_features}, {self.in_features}]")
-            except ValueError as exc:  # from_state_dict names the key; torch reports it with the others
-                problems.append(str(exc))
-        for name, param in self._parameters.items():
-            key = prefix + name
-            if name == _NF4_PARAM:
-                continue
-            if param is not None and key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
-                problems.append(f"{key}: shape {tuple(state_dict[key].shape)}, the layer's is {tuple(param.shape)}")
-        if problems:
-            error_msgs.extend(problems)
-            return
-        rest = {k: v for k, v in state_dict.items() if k not in weight_keys}
-        if q is not None:
-            # from_state_dict copied every NF4 tensor, contiguous, onto the layer's device: the layer
-            # keeps none of the caller's tensors (nn.Linear copies too). The parameter's own key is
-            # given so torch sees it loaded.
-            rest[prefix + _NF4_PARAM] = q.packed
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if prefix + _NF4_PARAM in missing_keys:  # reported as `weight` above, the name users know
-            missing_keys.remove(prefix + _NF4_PARAM)
-        if q is not None:
-            self._set_weight(q)
 
     # ---- PEFT adapters -------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -567,11 +596,12 @@ def _build_each(chosen: list[tuple[str, nn.Module, dict]], build, progress: bool
 
 
 def freeze_all_but_lora(model: nn.Module) -> None:
-    """requires_grad=False on every parameter of the model that is not part of a QLoRALinear's adapter
-    (lora_A, lora_B, DoRA's lora_magnitude_vector). The adapters are left as they are, so calling it again
-    (a second replace_linear, a second adapter group) never freezes adapters made earlier, and a factor
-    frozen on purpose stays frozen."""
-    lora = {id(p) for layer in lora_layers(model).values() for p in layer.adapter_parameters()}
+    """requires_grad=False on every parameter of the model that is not part of an adapter layer's adapter
+    (`adapter_parameters()`: LoRA's lora_A, lora_B and DoRA's lora_magnitude_vector, VeRA's scaling
+    vectors, IA3's vector). The adapters are left as they are, so calling it again (a second
+    replace_linear, a second adapter group) never freezes adapters made earlier, and a factor frozen on
+    purpose stays frozen."""
+    lora = {id(p) for layer in adapter_layers(model).values() for p in layer.adapter_parameters()}
     for p in model.parameters():
         if id(p) not in lora:
             p.requires_grad_(False)
@@ -627,33 +657,38 @@ def replace_linear(
     model: nn.Module,
     target_modules: str | Iterable[str] = "all-linear",
     *,
+    method: str = "lora",
     exclude_modules: Iterable[str] = (),
     include_tied: bool = False,
     freeze: bool = True,
     progress: bool = True,
-    **lora_kwargs,
+    **kwargs,
 ) -> list[str]:
-    """Swap the model's nn.Linear layers for QLoRALinear, in place. Returns the swapped names.
+    """Swap the model's nn.Linear layers for adapter layers on an NF4 base, in place. Returns the swapped names.
 
+    method: "lora" (QLoRALinear: LoRA, rsLoRA, DoRA; its keywords r, lora_alpha, lora_dropout, use_rslora,
+    use_dora, compute_dtype, blocksize, double_quant, lora_dtype, and init_lora_weights / loftq_iter for
+    PEFT's initialisations: True, "gaussian", False, "pissa", "pissa_niter_K", "olora", "loftq"), "vera"
+    (QVeRALinear, lora_kernels.vera) or "ia3" (QIA3Linear, lora_kernels.ia3); in_features, out_features,
+    bias and device come from each linear layer.
     target_modules: "all-linear", or name suffixes (PEFT's convention: "q_proj" matches
     "model.layers.0.self_attn.q_proj"). Skipped: names in exclude_modules, and a linear layer whose
     weight is tied to the input embeddings (e.g. an `lm_head`) unless include_tied.
-    lora_kwargs: QLoRALinear's keywords (r, lora_alpha, lora_dropout, use_rslora, compute_dtype, blocksize,
-    double_quant, lora_dtype); in_features, out_features, bias and device come from each linear layer.
     Checked first, changed after: the keywords are checked, then every matched layer is quantized, then
     all are swapped, so an error (naming the layer) leaves the model exactly as it was.
-    freeze=True (PEFT's behaviour): afterwards every parameter that is not a LoRA factor of a QLoRALinear
-    has requires_grad=False; LoRA factors are never touched, so a second call does not freeze the adapters
+    freeze=True (PEFT's behaviour): afterwards every parameter that is not an adapter layer's adapter
+    has requires_grad=False; adapters are never touched, so a second call does not freeze the adapters
     of the first. freeze=False: the rest of the model keeps its requires_grad. Either way the new layers'
-    lora_A / lora_B train and their NF4 base and bias are frozen.
+    adapters train and their NF4 base and bias are frozen.
     """
-    _check_lora_kwargs(lora_kwargs, "replace_linear")
+    builder = _method(method)
+    builder.check(kwargs, "replace_linear")
     if not isinstance(freeze, bool):
         raise ValueError(f"freeze must be True or False, got {freeze!r}")
     exclude = list(exclude_modules)
     chosen = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or isinstance(mod, QLoRALinear) or not name:
+        if not isinstance(mod, nn.Linear) or not name:
             continue
         if not _matches(name, target_modules) or (exclude and _matches(name, exclude)):
             continue
@@ -662,14 +697,56 @@ def replace_linear(
         if not include_tied and _tied_to_input_embeddings(model, mod):
             warnings.warn(f"not swapping {name}: its weight is tied to the input embeddings (include_tied=True swaps it)")
             continue
-        chosen.append((name, mod, lora_kwargs))
+        chosen.append((name, mod))
     if target_modules != "all-linear" and not chosen:
         raise ValueError(f"no nn.Linear in the model matches target_modules={target_modules!r}")
-    built = _build_each(chosen, QLoRALinear.from_linear, progress)
+    built = builder.build(chosen, dict(kwargs), progress)
     swap_modules(model, built)
     if freeze:
         freeze_all_but_lora(model)
     return [name for name, _ in built]
+
+
+class _LoRAMethod:
+    """replace_linear(method="lora"): QLoRALinear layers, initialised as init_lora_weights says."""
+
+    keywords = LORA_KEYWORDS + ("init_lora_weights", "loftq_iter")
+
+    @classmethod
+    def check(cls, kwargs: dict, caller: str) -> None:
+        _check_lora_kwargs({k: v for k, v in kwargs.items() if k not in ("init_lora_weights", "loftq_iter")}, caller,
+                           allowed=LORA_KEYWORDS + ("init_lora_weights", "loftq_iter"))
+        if "init_lora_weights" in kwargs or "loftq_iter" in kwargs:
+            from . import init
+
+            init.check_init(kwargs.get("init_lora_weights", True), kwargs.get("loftq_iter", 1), caller)
+
+    @staticmethod
+    def build(chosen: list[tuple[str, nn.Linear]], kwargs: dict, progress: bool) -> list[tuple[str, nn.Module]]:
+        init_lora_weights = kwargs.pop("init_lora_weights", True)
+        loftq_iter = kwargs.pop("loftq_iter", 1)
+        if init_lora_weights is True:
+            return _build_each([(name, mod, kwargs) for name, mod in chosen], QLoRALinear.from_linear, progress)
+        from . import init
+
+        return init.build_initialised(chosen, kwargs, init_lora_weights, loftq_iter, progress)
+
+
+def _method(method: str):
+    """The builder of replace_linear's `method`: check(kwargs, caller) refuses what it cannot honour;
+    build(chosen [(name, nn.Linear)], kwargs, progress) -> [(name, layer)] builds every layer and
+    changes nothing in the model."""
+    if method == "lora":
+        return _LoRAMethod
+    if method == "vera":
+        from . import vera
+
+        return vera.METHOD
+    if method == "ia3":
+        from . import ia3
+
+        return ia3.METHOD
+    raise ValueError(f"method must be 'lora', 'vera' or 'ia3', got {method!r}")
 
 
 def swap_modules(model: nn.Module, built: list[tuple[str, nn.Module]]) -> None:
@@ -684,7 +761,13 @@ def swap_modules(model: nn.Module, built: list[tuple[str, nn.Module]]) -> None:
 
 
 def lora_layers(model: nn.Module) -> dict[str, QLoRALinear]:
+    """The model's LoRA layers (QLoRALinear), by module path."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
+
+
+def adapter_layers(model: nn.Module) -> dict[str, NF4Linear]:
+    """Every adapter layer on an NF4 base (LoRA, VeRA, IA3), by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
 
 
 def adapter_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX) -> dict[str, torch.Tensor]:

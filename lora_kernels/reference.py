@@ -322,6 +322,57 @@ def dora_linear(
     return (base + (mag_scale - 1) * base_term + mag_scale * lora * scaling).to(x.dtype)
 
 
+def vera_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    vera_A: torch.Tensor,
+    vera_B: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lora_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The VeRA layer (arXiv 2310.11454), as PEFT computes it (peft 0.21 `vera.layer.Linear.forward`).
+
+    x: [..., in] in the compute dtype; weight: the dequantized base [out, in]; vera_A: [r, in] and
+    vera_B: [out, r], the frozen shared random projections already sliced to this layer (PEFT slices
+    vera_A[:, :in] and vera_B[:out, :] from the pair built for the widest layer); lambda_d: [r],
+    lambda_b: [out], the trained scaling vectors; lora_input: the dropped-out x, else None.
+
+        y = x . W^T + bias + lambda_b * ((lambda_d * (x_d . A^T)) . B^T)   in x.dtype
+
+    The branch runs in the vectors' dtype and is rounded to x.dtype with the sum. No scaling factor:
+    VeRA has no lora_alpha. It is the LoRA layer with A' = diag(lambda_d) . A and B' = diag(lambda_b) . B.
+    """
+    base = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+    branch = (x if lora_input is None else lora_input).to(lambda_d.dtype)
+    down = lambda_d * torch.nn.functional.linear(branch, vera_A.to(lambda_d.dtype))
+    return (base + lambda_b * torch.nn.functional.linear(down, vera_B.to(lambda_d.dtype))).to(x.dtype)
+
+
+def ia3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ia3_l: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    feedforward: bool = False,
+) -> torch.Tensor:
+    """The IA3 layer (arXiv 2205.05638), as PEFT computes it (peft 0.21 `ia3.layer.Linear.forward`).
+
+    x: [..., in] in the compute dtype; weight: the dequantized base [out, in]; ia3_l: the learned
+    vector, [out] on an output layer, [in] on a feed-forward layer (PEFT's `feedforward_modules`);
+    bias: [out] or None. The product with the vector is taken in fp32 and rounded once to x.dtype:
+
+        y = (x . W^T + bias) * l          (output: the bias is scaled too, as PEFT scales the base result)
+        y = (x * l) . W^T + bias          (feed-forward: x * l rounded to x.dtype before the matmul)
+    """
+    if feedforward:
+        scaled = (x.float() * ia3_l.float()).to(x.dtype)
+        return torch.nn.functional.linear(scaled, weight.to(x.dtype), bias)
+    base = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+    return (base.float() * ia3_l.float()).to(x.dtype)
+
+
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
