@@ -1,4 +1,4 @@
-"""python -m bench [--suite quant|forward|train|memory|dora|multi|e2e|all] [--quick] [--backend cpu,torch]
+"""python -m bench [--suite quant|forward|train|memory|dora|multi|e2e|family|all] [--quick] [--backend cpu,torch]
 [--device cpu|cuda] [--shapes llama3-8b|llama3-70b|cpu|4096x4096,...] [--rank 16] [--out DIR] [--verbose]
 
 python -m bench --compare A.json B.json"""
@@ -12,12 +12,12 @@ import sys
 
 import torch
 
-from . import dora, e2e, forward, harness, memory, multi, quant, report, train
+from . import dora, e2e, family, forward, harness, memory, multi, quant, report, train
 from .problems import RANK
 from .shapes import SHAPE_SETS, parse_shapes
 
 SUITES = {"quant": quant.run, "forward": forward.run, "train": train.run, "memory": memory.run, "dora": dora.run,
-          "multi": multi.run, "e2e": e2e.run}
+          "multi": multi.run, "e2e": e2e.run, "family": family.run}
 # Suites that take a layer shape and a LoRA rank (--shapes, --rank).
 LAYER_SUITES = ("forward", "train", "memory", "dora", "multi")
 
