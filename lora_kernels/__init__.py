@@ -13,8 +13,11 @@ from .integrations import (
     summary,
     to_bnb_model,
 )
+from .ia3 import QIA3Linear, ia3_linear
+from .loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .nf4 import NF4Weight
 from .pool import AdapterPool
+from .vera import QVeRALinear
 from .routes import backends, explain, get_backend, get_route, set_backend, set_route
 
 __version__ = "0.1.0"
@@ -24,6 +27,11 @@ __all__ = [
     "NF4Weight",
     "multi_lora_linear",
     "QLoRALinear",
+    "QVeRALinear",
+    "QIA3Linear",
+    "ia3_linear",
+    "loraplus_param_groups",
+    "create_loraplus_optimizer",
     "adapter_state_dict",
     "explain",
     "get_route",

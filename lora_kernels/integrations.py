@@ -56,16 +56,38 @@ def _number(x: float):
 
 
 def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
-                      task_type: str | None = None) -> None:
+                      task_type: str | None = None, convert_to_lora: bool = False) -> None:
     """Write the model's LoRA adapters as PEFT's `save_pretrained` does: `adapter_model.safetensors`
     (keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, and with DoRA
     `.lora_magnitude_vector`) and `adapter_config.json`
     (peft_type LORA; target_modules lists the swapped layers by full name; a layer whose r or lora_alpha
     differs from the most common one goes in rank_pattern / alpha_pattern). Load it with
     `peft.PeftModel.from_pretrained(base_model, directory)` or `load_peft_adapter`.
-    task_type: PEFT's task type ("CAUSAL_LM", ...) or None, as PEFT writes for a bare model."""
+    task_type: PEFT's task type ("CAUSAL_LM", ...) or None, as PEFT writes for a bare model.
+
+    init_lora_weights in the config is the layers' initialisation (`replace_linear(init_lora_weights=...)`,
+    recorded on each layer; True for a layer made otherwise), as PEFT records it, with "loftq"'s
+    loftq_config {"loftq_bits": 4, "loftq_iter": n}. Such an adapter belongs with the base it was
+    initialised against (PiSSA, OLoRA and LoftQ change it), and PEFT re-runs the initialisation on a model
+    it loads it into, as it does with its own files.
+
+    convert_to_lora=True writes what PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)`
+    writes: each layer initialised by PiSSA, OLoRA or LoftQ (whose NF4 base holds W - s.B0.A0, not W; it
+    keeps A0 and B0) as a plain LoRA delta against the original weight W: the rank doubles,
+    lora_A = cat(A, A0) [2r, in], lora_B = cat(B, -B0) [out, 2r], r -> 2r and lora_alpha -> 2 lora_alpha
+    (sqrt(2) lora_alpha with use_rslora) so the scaling s is the same, and init_lora_weights is True. On
+    the original W it computes W + s.(B.A - B0.A0) = (W - s.B0.A0) + s.B.A: the layer's own output but
+    for the NF4 error of its base (for LoftQ, the error of its fit deq(Q) + s.B0.A0 ~ W). Other layers
+    are written as they are. Each layer's own r and lora_alpha go in rank_pattern / alpha_pattern where
+    they differ from the most common (PEFT refuses to convert use_rslora with patterns; these per-layer
+    values need no such limit). A DoRA magnitude is written unchanged (its direction W + s.(B.A - B0.A0)
+    is the layer's), where PEFT's conversion drops it."""
     from safetensors.torch import save_file
 
+    from .init import CHANGES_BASE, parse_init
+
+    if not isinstance(convert_to_lora, bool):
+        raise ValueError(f"convert_to_lora must be True or False, got {convert_to_lora!r}")
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no QLoRALinear layers; swap it with replace_linear or from_bnb_model first")
@@ -74,8 +96,33 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mo
         if len(values) > 1:
             raise ValueError(f"PEFT's config has one {attr} for all layers; the model's layers have {sorted(values)}")
     any_layer = next(iter(layers.values()))
-    r = _most_common(layer.r for layer in layers.values())
-    alpha = _most_common(layer.lora_alpha for layer in layers.values())
+    tensors = adapter_state_dict(model)
+    ranks, alphas, inits = {}, {}, {}
+    for name, layer in layers.items():
+        init = getattr(layer, "init_lora_weights", True)
+        ranks[name], alphas[name] = layer.r, layer.lora_alpha
+        kind = parse_init(init)[0]
+        if convert_to_lora and kind in CHANGES_BASE:
+            key = f"{PEFT_PREFIX}{name}."
+            tensors[key + "lora_A.weight"] = torch.cat([tensors[key + "lora_A.weight"], layer.init_lora_A], 0)
+            tensors[key + "lora_B.weight"] = torch.cat([tensors[key + "lora_B.weight"], -layer.init_lora_B], 1)
+            ranks[name] = 2 * layer.r
+            # PEFT's save_pretrained: alpha * 2, or * 2**0.5 with rsLoRA (scaling alpha / sqrt(r))
+            alphas[name] = layer.lora_alpha * (2**0.5 if layer.use_rslora else 2)
+            init, kind = True, True
+        inits[name] = (init, getattr(layer, "loftq_iter", 1) if kind == "loftq" else None)
+    if len(set(inits.values())) > 1:
+        by_init = {}
+        for name, value in inits.items():
+            by_init.setdefault(value, []).append(name)
+        groups = "; ".join(f"init_lora_weights={v[0]!r}{f' (loftq_iter={v[1]})' if v[1] else ''}: {names[0]}"
+                           f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}" for v, names in by_init.items())
+        raise ValueError(f"PEFT's config has one init_lora_weights for all layers; the model's layers were initialised "
+                         f"differently ({groups}). Save with convert_to_lora=True (all become plain LoRA), or save "
+                         "the layers apart")
+    init, loftq_iter = next(iter(inits.values()))
+    r = _most_common(ranks.values())
+    alpha = _most_common(alphas.values())
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -91,18 +138,18 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mo
         "fan_in_fan_out": False,
         "bias": "none",
         "modules_to_save": None,
-        "init_lora_weights": True,
+        "init_lora_weights": init,
+        "loftq_config": {"loftq_bits": 4, "loftq_iter": loftq_iter} if loftq_iter else {},
         "layers_to_transform": None,
         "layers_pattern": None,
         # Full module names as keys: PEFT matches a key as a suffix of the module name ("(.*\.)?key$").
-        "rank_pattern": {name: layer.r for name, layer in layers.items() if layer.r != r},
-        "alpha_pattern": {name: _number(layer.lora_alpha) for name, layer in layers.items()
-                          if layer.lora_alpha != alpha},
+        "rank_pattern": {name: value for name, value in ranks.items() if value != r},
+        "alpha_pattern": {name: _number(value) for name, value in alphas.items() if value != alpha},
         "use_dora": any_layer.use_dora,
         "lora_bias": False,
         "layer_replication": None,
     }
-    tensors = {k: t.detach().contiguous().cpu() for k, t in adapter_state_dict(model).items()}
+    tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
@@ -120,12 +167,19 @@ def _pattern_value(pattern: list[tuple[re.Pattern, str, object]], name: str, def
 
 def _lora_settings(config: dict, config_path: str) -> dict:
     """The config's LoRA values, every one checked (types and ranges, the patterns' keys compiled as PEFT
-    compiles them): {r, lora_alpha, use_rslora, use_dora, lora_dropout, rank_pattern, alpha_pattern}. A
+    compiles them): {r, lora_alpha, use_rslora, use_dora, lora_dropout, init_lora_weights, rank_pattern,
+    alpha_pattern}. A
     ValueError names the file and each key that does not fit."""
     settings = {"r": config.get("r", 8), "lora_alpha": config.get("lora_alpha", 8),
                 "use_rslora": config.get("use_rslora", False), "lora_dropout": config.get("lora_dropout", 0.0),
                 "use_dora": config.get("use_dora") or False}
     problems = _lora_config_problems(**settings)  # each message names its key
+    # How the adapter was initialised (PEFT's names, also those lora-kernels does not build: the tensors are
+    # what is loaded); load_peft_adapter warns when it was one that changes the base.
+    settings["init_lora_weights"] = config.get("init_lora_weights", True)
+    if not isinstance(settings["init_lora_weights"], (bool, str)):
+        problems.append(f"init_lora_weights: expected true, false or the name of an initialisation, got "
+                        f"{settings['init_lora_weights']!r}")
     for key, value_key in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
         pattern = config.get(key) or {}
         settings[key] = []
@@ -219,7 +273,13 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progres
     ValueError names the file, module and key of each one and the model is exactly as it was. Then the
     new layers are swapped in, the rest of the model frozen as `replace_linear` does (LoRA factors keep
     their requires_grad, so earlier adapters still train), and the tensors copied. Returns the names swapped.
+    The config's init_lora_weights (any of PEFT's; true, false or a name) does not change what is loaded;
+    for one that changes the base (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA) a warning says so when the layers
+    are not that base (new layers, or QLoRALinear layers initialised otherwise): load a converted adapter
+    (`save_peft_adapter(..., convert_to_lora=True)`) onto the original weights instead.
     """
+    from .init import changes_base
+
     config, settings, tensors = _read_adapter(directory)
     for key in ("r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout"):
         if key in lora_kwargs:
@@ -289,6 +349,16 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progres
         plan, problems = _plan_adapter_load({**lora_layers(model), **dict(built)}, tensors, PEFT_PREFIX)
     if problems:
         raise ValueError(f"adapter {directory} does not fit the model, nothing loaded:\n  " + "\n  ".join(problems))
+    init = settings["init_lora_weights"]
+    if changes_base(init):  # a warning when the layers are not the base the adapter was trained against
+        others = [name for name, _, _ in chosen] + [name for name, layer in lora_layers(model).items()
+                                                    if getattr(layer, "init_lora_weights", True) != init]
+        if others:
+            warnings.warn(f"{directory}: the adapter was initialised with init_lora_weights={init!r}, which changes "
+                          f"the base it trains against, but {len(others)} layer(s) (e.g. {others[0]}) have another "
+                          f"base; there it computes something else. Load it into a model made with replace_linear("
+                          f"init_lora_weights={init!r}) from the same weights, or save it with "
+                          "save_peft_adapter(..., convert_to_lora=True) (PEFT: path_initial_model_for_weight_conversion)")
 
     swap_modules(model, built)
     freeze_all_but_lora(model)

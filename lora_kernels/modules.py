@@ -708,7 +708,8 @@ def replace_linear(
 
 
 class _LoRAMethod:
-    """replace_linear(method="lora"): QLoRALinear layers, initialised as init_lora_weights says."""
+    """replace_linear(method="lora"): QLoRALinear layers, initialised as init_lora_weights says (PEFT's names;
+    lora_kernels.init builds all but True). Each layer records it as `layer.init_lora_weights`."""
 
     keywords = LORA_KEYWORDS + ("init_lora_weights", "loftq_iter")
 
@@ -719,14 +720,18 @@ class _LoRAMethod:
         if "init_lora_weights" in kwargs or "loftq_iter" in kwargs:
             from . import init
 
-            init.check_init(kwargs.get("init_lora_weights", True), kwargs.get("loftq_iter", 1), caller)
+            # loftq_iter None: not given (given, it must go with init_lora_weights="loftq")
+            init.check_init(kwargs.get("init_lora_weights", True), kwargs.get("loftq_iter"), caller)
 
     @staticmethod
     def build(chosen: list[tuple[str, nn.Linear]], kwargs: dict, progress: bool) -> list[tuple[str, nn.Module]]:
         init_lora_weights = kwargs.pop("init_lora_weights", True)
-        loftq_iter = kwargs.pop("loftq_iter", 1)
+        loftq_iter = kwargs.pop("loftq_iter", None)
         if init_lora_weights is True:
-            return _build_each([(name, mod, kwargs) for name, mod in chosen], QLoRALinear.from_linear, progress)
+            built = _build_each([(name, mod, kwargs) for name, mod in chosen], QLoRALinear.from_linear, progress)
+            for _, layer in built:
+                layer.init_lora_weights = True
+            return built
         from . import init
 
         return init.build_initialised(chosen, kwargs, init_lora_weights, loftq_iter, progress)
