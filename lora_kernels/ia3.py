@@ -307,6 +307,10 @@ class QIA3Linear(NF4Linear):
         l = self.ia3_l.detach()
         return {IA3_KEY: l.view(1, -1) if self.feedforward else l.view(-1, 1)}
 
+    def adapter_is_identity(self) -> bool:
+        """Every entry of the vector is one: it scales nothing."""
+        return bool(self.ia3_l.detach().eq(1).all())
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable adapter: the vector ia3_l."""
         return [self.ia3_l]

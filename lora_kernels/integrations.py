@@ -33,6 +33,7 @@ from .modules import (
     _copy_plan,
     _lora_config_problems,
     _plan_adapter_load,
+    adapter_layers,
     adapter_state_dict,
     freeze_all_but_lora,
     lora_layers,
@@ -55,7 +56,48 @@ def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
+def _methods_present(model: nn.Module) -> dict[str, list[str]]:
+    """{"LoRA" / "VeRA" / "IA3": the module paths of the model's layers of that method}, methods present only."""
+    from .ia3 import QIA3Linear
+    from .vera import QVeRALinear
+
+    found = {}
+    for name, layer in adapter_layers(model).items():
+        kind = ("VeRA" if isinstance(layer, QVeRALinear) else "IA3" if isinstance(layer, QIA3Linear)
+                else "LoRA" if isinstance(layer, QLoRALinear) else type(layer).__name__)
+        found.setdefault(kind, []).append(name)
+    return found
+
+
 def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                      task_type: str | None = None, convert_to_lora: bool = False) -> None:
+    """Write the model's adapters as PEFT's `save_pretrained` writes them, for the one method its layers
+    hold: LoRA / DoRA (QLoRALinear, below), VeRA (QVeRALinear: `vera.save_vera_adapter`) or IA3
+    (QIA3Linear: `ia3.save_ia3_adapter`). A PEFT adapter folder holds one method: a model mixing them is
+    refused (save each group's layers from a model holding only them). convert_to_lora applies to LoRA
+    layers only (see `save_lora_adapter`)."""
+    found = _methods_present(model)
+    if len(found) > 1:
+        raise ValueError("a PEFT adapter folder holds one method; the model has " +
+                         ", ".join(f"{kind} layers ({names[0]}, ...)" for kind, names in found.items()))
+    kind = next(iter(found), "LoRA")
+    if kind != "LoRA" and convert_to_lora:
+        raise ValueError(f"convert_to_lora converts PiSSA / OLoRA / LoftQ LoRA layers; the model's layers are {kind}")
+    if kind == "VeRA":
+        from .vera import save_vera_adapter
+
+        return save_vera_adapter(model, directory, base_model_name_or_path=base_model_name_or_path,
+                                 task_type=task_type)
+    if kind == "IA3":
+        from .ia3 import save_ia3_adapter
+
+        return save_ia3_adapter(model, directory, base_model_name_or_path=base_model_name_or_path,
+                                task_type=task_type)
+    return save_lora_adapter(model, directory, base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+                             convert_to_lora=convert_to_lora)
+
+
+def save_lora_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
                       task_type: str | None = None, convert_to_lora: bool = False) -> None:
     """Write the model's LoRA adapters as PEFT's `save_pretrained` does: `adapter_model.safetensors`
     (keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, and with DoRA
@@ -226,7 +268,7 @@ def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict, dict[str, t
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a JSON object, got a {type(config).__name__}")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; lora-kernels loads LORA adapters")
+        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; lora-kernels loads LORA, VERA and IA3 adapters")
     unsupported = [f"{key}={config[key]!r}" for key, allowed in _UNSUPPORTED.items()
                    if key in config and config[key] not in allowed]
     if unsupported:
@@ -258,7 +300,36 @@ def split_factor_key(key: str, prefix: str | None = PEFT_PREFIX) -> tuple[str, s
     return None if match is None else (match.group(1), match.group(2))
 
 
+def _peft_type(directory: str | os.PathLike):
+    """The peft_type of the folder's adapter_config.json, or None when it cannot be read (the LoRA loader
+    then reports why)."""
+    try:
+        with open(os.path.join(directory, ADAPTER_CONFIG), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return config.get("peft_type") if isinstance(config, dict) else None
+
+
 def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, progress: bool = False,
+                      **kwargs) -> list[str]:
+    """Load a PEFT adapter folder into the model, by its adapter_config.json's peft_type: "LORA"
+    (`load_lora_adapter`, below), "VERA" (`vera.load_vera_adapter`) or "IA3" (`ia3.load_ia3_adapter`).
+    Each checks everything before it changes anything; kwargs: the layers' other keywords
+    (compute_dtype, blocksize, double_quant, lora_dtype). Returns the names swapped."""
+    peft_type = _peft_type(directory)
+    if peft_type == "VERA":
+        from .vera import load_vera_adapter
+
+        return load_vera_adapter(model, directory, progress=progress, **kwargs)
+    if peft_type == "IA3":
+        from .ia3 import load_ia3_adapter
+
+        return load_ia3_adapter(model, directory, progress=progress, **kwargs)
+    return load_lora_adapter(model, directory, progress=progress, **kwargs)
+
+
+def load_lora_adapter(model: nn.Module, directory: str | os.PathLike, *, progress: bool = False,
                       **lora_kwargs) -> list[str]:
     """Load a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) into the model.
 
@@ -402,13 +473,14 @@ def from_bnb_model(model: nn.Module, *, freeze: bool = True, **lora_kwargs) -> l
 
 
 def to_bnb_model(model: nn.Module) -> list[str]:
-    """Swap every QLoRALinear back to a bitsandbytes `Linear4bit` (nf4) holding the same bytes, in place;
-    the LoRA factors are dropped (a warning says so when any is non-zero: save them first with
-    `save_peft_adapter`, then `peft.PeftModel.from_pretrained` on the bitsandbytes model). Returns the names."""
-    layers = lora_layers(model)
-    trained = [name for name, layer in layers.items() if bool(layer.lora_B.detach().ne(0).any())]
+    """Swap every adapter layer (QLoRALinear, QVeRALinear, QIA3Linear) back to a bitsandbytes `Linear4bit`
+    (nf4) holding the same bytes, in place; the adapters are dropped (a warning says so when any changes the
+    layer's output: save them first with `save_peft_adapter`, then `peft.PeftModel.from_pretrained` on the
+    bitsandbytes model). Returns the names."""
+    layers = adapter_layers(model)
+    trained = [name for name, layer in layers.items() if not layer.adapter_is_identity()]
     if trained:
-        warnings.warn(f"to_bnb_model drops the LoRA adapters of {len(trained)} layer(s) (e.g. {trained[0]}); "
+        warnings.warn(f"to_bnb_model drops the adapters of {len(trained)} layer(s) (e.g. {trained[0]}); "
                       "save them with save_peft_adapter first")
     built = [(name, layer.to_bnb()) for name, layer in layers.items()]
     swap_modules(model, built)
@@ -472,7 +544,7 @@ def load_model(model: nn.Module, path: str | os.PathLike) -> None:
             misshaped.append(f"{key}: shape {tuple(got.shape)}, the model's is {tuple(want.shape)}")
         elif want.is_floating_point() != got.is_floating_point():
             misshaped.append(f"{key}: dtype {got.dtype}, the model's is {want.dtype}")
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         prefix = f"{name}." if name else ""
         sub = {k[len(prefix):]: t for k, t in loaded.items() if k.startswith(f"{prefix}weight")}
         if "weight" not in sub:
@@ -503,7 +575,7 @@ class ModelSummary:
     trainable_params: int
     all_params: int
     weight_bytes: int
-    lora_layers: int
+    lora_layers: int  # every adapter layer on an NF4 base (LoRA, VeRA, IA3)
 
     @property
     def trainable_percent(self) -> float:
@@ -512,13 +584,13 @@ class ModelSummary:
     def __str__(self) -> str:
         return (f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} || "
                 f"trainable%: {self.trainable_percent:.4f} || weights: {self.weight_bytes / 2**20:.2f} MiB || "
-                f"QLoRALinear layers: {self.lora_layers}")
+                f"adapter layers on NF4: {self.lora_layers}")
 
 
 def summary(model: nn.Module) -> ModelSummary:
     """Parameter counts and weight memory of a model, swapped or not (call it before and after a swap)."""
     trainable = total = nbytes = 0
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     nf4 = {id(layer.qweight.packed) for layer in layers.values()}  # counted below, as weights
     for p in model.parameters():
         if id(p) in nf4:
@@ -548,9 +620,11 @@ __all__ = [
     "ModelSummary",
     "from_bnb_model",
     "load_model",
+    "load_lora_adapter",
     "load_peft_adapter",
     "print_trainable_parameters",
     "save_model",
+    "save_lora_adapter",
     "save_peft_adapter",
     "summary",
     "to_bnb_model",

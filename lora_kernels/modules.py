@@ -326,6 +326,10 @@ class NF4Linear(nn.Module):
         """The layer's trainable adapter tensors (none for the bare base)."""
         return []
 
+    def adapter_is_identity(self) -> bool:
+        """Whether the adapter leaves the base's output as it is (a fresh adapter does): what dropping it loses."""
+        return True
+
 
 class QLoRALinear(NF4Linear):
     """y = x . deq(W)^T + scaling * (dropout(x) . A^T) . B^T + bias, W frozen in NF4.
@@ -523,6 +527,12 @@ class QLoRALinear(NF4Linear):
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable adapter: lora_A, lora_B and, with DoRA, lora_magnitude_vector."""
         return [self.lora_A, self.lora_B] + ([self.lora_magnitude_vector] if self.use_dora else [])
+
+    def adapter_is_identity(self) -> bool:
+        """B is zero and, with DoRA, the magnitude is still the row norms (the scale m / norm is 1)."""
+        if bool(self.lora_B.detach().ne(0).any()):
+            return False
+        return not self.use_dora or bool(torch.allclose(self.lora_magnitude_vector.detach(), self.dora_weight_norm()))
 
 
 # ---- checking a LoRA configuration --------------------------------------------------------------

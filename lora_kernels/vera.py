@@ -316,6 +316,10 @@ class QVeRALinear(NF4Linear):
         shared projection is saved once, by save_vera_adapter)."""
         return {LAMBDA_B: self.vera_lambda_b.detach(), LAMBDA_D: self.vera_lambda_d.detach()}
 
+    def adapter_is_identity(self) -> bool:
+        """lambda_b is zero: the VeRA term adds nothing."""
+        return not bool(self.vera_lambda_b.detach().ne(0).any())
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable adapter: [lambda_d, lambda_b]."""
         return [self.vera_lambda_d, self.vera_lambda_b]

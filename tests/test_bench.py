@@ -42,14 +42,14 @@ def test_quick_run_writes_every_field(quick_run):
         assert env[key], key
     assert env["peak_copy_gbps"] > 0 and env["peak_matmul_tflops"] > 0
     rows = result["rows"]
-    assert {r["suite"] for r in rows} == {"quant", "forward", "train", "dora", "multi"}  # memory: CUDA only
+    assert {r["suite"] for r in rows} == {"quant", "forward", "train", "dora", "multi", "family"}  # memory: CUDA only
     for r in rows:
         assert set(r) == ROW_FIELDS, r["impl"]
         if r["ms"] is None:
             continue
         assert r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] and r["gbps"] > 0, (r["case"], r["impl"])
         assert r["extra"]["bw_frac"] > 0
-        if r["suite"] in ("forward", "train", "dora", "multi"):
+        if r["suite"] in ("forward", "train", "dora", "multi", "family"):
             assert r["tflops"] > 0 and r["extra"]["flop_frac"] > 0, (r["case"], r["impl"])
             assert r["extra"]["M"] > 0 and r["extra"]["shape"]
     impls = {r["impl"] for r in rows}
@@ -262,6 +262,23 @@ def test_train_wrong_kernel_is_reported_not_timed(broken_matmul):
     rows, _ = train.run(torch.device("cpu"), True, _ours_usable(), lambda line: None, shapes=[(256, 256)])
     ours = [r for r in rows if r.impl.startswith("ours")]
     assert ours and all(r.correct is False and r.ms is None and "WRONG" in r.note for r in ours)
+
+
+def test_family_suite_times_every_method_checked(quick_run):
+    """--quick: the training steps of our LoRA, VeRA and IA3 (and the peers present), each checked against
+    the fp32 spec before it was timed; the SmolLM2 initialisations are left out of --quick, and say so."""
+    _, result, _, stdout = quick_run
+    rows = [r for r in result["rows"] if r["suite"] == "family"]
+    ours = {r["impl"].split(" ", 1)[1] for r in rows if r["impl"].startswith("ours:")}
+    assert {"LoRA r=16", "LoRA r=256", "VeRA r=256", "VeRA r=16", "VeRA r=256, bf16 vectors", "IA3 output",
+            "IA3 feed-forward"} <= ours
+    assert all(r["correct"] for r in rows), [r["note"] for r in rows if not r["correct"]]
+    assert all(r["extra"]["peak_bytes"] >= 0 and r["extra"]["held_bytes"] > 0 for r in rows)
+    assert "family init SmolLM2-135M r=16 left out of --quick" in stdout
+    goals = [v for v in result["verdicts"] if "family step" in v]
+    # within 1.15x of our LoRA: VeRA r=256, r=16, r=256 with bf16 vectors, IA3 output, feed-forward; and
+    # against PEFT's IA3 (output, feed-forward) where it ran
+    assert len(goals) == 5 + 2 * any(r["impl"].startswith("PEFT IA3") for r in rows), goals
 
 
 def test_memory_suite_has_no_rows_on_cpu():

@@ -434,7 +434,7 @@ def test_bnb_refusals():
     trained = _bnb_model(dense)
     lk.from_bnb_model(trained)
     randomize_lora(trained, scale=0.1)
-    with pytest.warns(UserWarning, match="drops the LoRA adapters of 3 layer"):
+    with pytest.warns(UserWarning, match="drops the adapters of 3 layer"):
         lk.to_bnb_model(trained)
 
     from bitsandbytes.nn.modules import has_avx512bf16
@@ -562,7 +562,7 @@ def test_adapter_trained_on_bnb_model_serves_with_peft_on_bitsandbytes(tmp_path)
     x = torch.randn(6, 256, dtype=torch.bfloat16)
     with torch.no_grad():
         y_ours = model(x)
-    with pytest.warns(UserWarning, match="drops the LoRA adapters"):
+    with pytest.warns(UserWarning, match="drops the adapters"):
         lk.to_bnb_model(model)
     for i in (0, 2, 4):
         model[i].support_avx512bf16_for_cpu = False  # see _bnb_model
