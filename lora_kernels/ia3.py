@@ -14,7 +14,6 @@ dy or the matmul's output, or in W's block scales (`_ops.rows_scaled`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -23,9 +22,9 @@ import torch
 from torch import nn
 
 from . import _ops
-from .api import SUPPORTED_DTYPES, _check_qlora_args, _check_vector, quantize_nf4
+from .api import _check_qlora_args, _check_vector, quantize_nf4
 from .modules import (_FROM_THE_LAYER, PEFT_PREFIX, NF4Linear, _build_each, _matches, adapter_layers,
-                      freeze_all_but_lora, swap_modules)
+                      freeze_all_but_lora, setting_problems, swap_modules)
 from .nf4 import NF4Weight
 
 # PEFT 0.21 (tuners/ia3/layer.py): the vector's parameter name, and the shapes it keeps it in: [out, 1]
@@ -319,15 +318,8 @@ class QIA3Linear(NF4Linear):
 def _ia3_config_problems(**values) -> list[str]:
     """What is wrong with the given IA3 settings, one message each; types checked, not coerced (the
     string "false" is truthy)."""
-    problems = []
-    for key, value in values.items():
-        if key in ("feedforward", "init_ia3_weights", "double_quant"):
-            if not isinstance(value, bool):
-                problems.append(f"{key} must be True or False, got {value!r}")
-        elif key in ("lora_dtype", "compute_dtype"):
-            if value not in SUPPORTED_DTYPES:
-                problems.append(f"{key} must be one of {SUPPORTED_DTYPES}, got {value!r}")
-    return problems
+    return setting_problems(values, {"feedforward": "flag", "init_ia3_weights": "flag", "double_quant": "flag",
+                                     "lora_dtype": "dtype", "compute_dtype": "dtype"})
 
 
 # ---- replace_linear(method="ia3") -----------------------------------------------------------------
@@ -407,9 +399,7 @@ def save_ia3_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mod
     where a full name would also claim another layer ("a.fc" ends "xa.fc"), feedforward_modules is
     written as a regular expression of the exact names instead (PEFT fullmatches a string).
     task_type: PEFT's task type ("CAUSAL_LM", ...) or None, as PEFT writes for a bare model."""
-    from safetensors.torch import save_file
-
-    from .integrations import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from .integrations import write_adapter_folder
 
     layers = ia3_layers(model)
     if not layers:
@@ -434,10 +424,7 @@ def save_ia3_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mod
     }
     tensors = {f"{PEFT_PREFIX}{name}.{key}": t.contiguous().cpu() for name, layer in layers.items()
                for key, t in layer.adapter_state_dict().items()}
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    write_adapter_folder(directory, tensors, config)
 
 
 # Config keys lora-kernels cannot honour, with the values that mean "not used".
@@ -447,21 +434,10 @@ _UNSUPPORTED = {"fan_in_fan_out": (False, None), "modules_to_save": (None, [])}
 def _read_ia3_adapter(directory) -> tuple[dict, dict[str, torch.Tensor], object]:
     """(config, tensors, feedforward rule) of a PEFT IA3 folder; a ValueError names the file and every
     config problem. The rule: a callable, name -> whether PEFT treats that module as feed-forward."""
-    from .integrations import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
+    from .integrations import read_adapter_config, read_adapter_tensors
 
-    config_path = os.path.join(directory, ADAPTER_CONFIG)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter folder")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{config_path}: not a valid JSON file ({exc})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got a {type(config).__name__}")
-    if config.get("peft_type") != "IA3":
-        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; load_ia3_adapter loads IA3 "
-                         "adapters (a LORA adapter: load_peft_adapter)")
+    config_path, config = read_adapter_config(directory, "IA3", "load_ia3_adapter loads IA3 adapters (a LORA "
+                                                                "adapter: load_peft_adapter)")
     problems = [f"lora-kernels does not support {key}={config[key]!r}" for key, allowed in _UNSUPPORTED.items()
                 if key in config and config[key] not in allowed]
     rule, problem = _feedforward_rule(config.get("feedforward_modules"))
@@ -469,17 +445,7 @@ def _read_ia3_adapter(directory) -> tuple[dict, dict[str, torch.Tensor], object]
         problems.append(problem)
     if problems:
         raise ValueError(f"{config_path}: nothing loaded:\n  " + "\n  ".join(problems))
-    weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    if os.path.isfile(weights):
-        from safetensors.torch import load_file
-
-        tensors = load_file(weights)
-    elif os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS_BIN)):
-        tensors = torch.load(os.path.join(directory, ADAPTER_WEIGHTS_BIN), map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{directory} has neither {ADAPTER_WEIGHTS} nor {ADAPTER_WEIGHTS_BIN}")
-    if not isinstance(tensors, dict):
-        raise ValueError(f"{directory}: the adapter weights are a {type(tensors).__name__}, not a dict of tensors")
+    tensors = read_adapter_tensors(directory)
     return config, tensors, rule
 
 

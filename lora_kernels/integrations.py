@@ -124,8 +124,6 @@ def save_lora_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mo
     they differ from the most common (PEFT refuses to convert use_rslora with patterns; these per-layer
     values need no such limit). A DoRA magnitude is written unchanged (its direction W + s.(B.A - B0.A0)
     is the layer's), where PEFT's conversion drops it."""
-    from safetensors.torch import save_file
-
     from .init import CHANGES_BASE, parse_init
 
     if not isinstance(convert_to_lora, bool):
@@ -191,11 +189,7 @@ def save_lora_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mo
         "lora_bias": False,
         "layer_replication": None,
     }
-    tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    write_adapter_folder(directory, tensors, config)
 
 
 def _pattern_value(pattern: list[tuple[re.Pattern, str, object]], name: str, default):
@@ -256,7 +250,22 @@ _UNSUPPORTED = {
 }
 
 
-def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+def write_adapter_folder(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """What PEFT's save_pretrained writes: adapter_model.safetensors (the tensors, contiguous, on the CPU)
+    and adapter_config.json. Shared by the LoRA, VeRA and IA3 writers."""
+    from safetensors.torch import save_file
+
+    tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def read_adapter_config(directory: str | os.PathLike, peft_type: str, wanted: str) -> tuple[str, dict]:
+    """(path, the parsed adapter_config.json) of a PEFT adapter folder whose peft_type is `peft_type`; a
+    FileNotFoundError or ValueError names the file and what is wrong (`wanted` ends the peft_type message:
+    what the caller loads). Shared by the LoRA, VeRA and IA3 loaders."""
     config_path = os.path.join(directory, ADAPTER_CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter folder")
@@ -267,12 +276,14 @@ def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict, dict[str, t
         raise ValueError(f"{config_path}: not a valid JSON file ({exc})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a JSON object, got a {type(config).__name__}")
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; lora-kernels loads LORA, VERA and IA3 adapters")
-    unsupported = [f"{key}={config[key]!r}" for key, allowed in _UNSUPPORTED.items()
-                   if key in config and config[key] not in allowed]
-    if unsupported:
-        raise ValueError(f"{config_path}: lora-kernels does not support {', '.join(unsupported)}")
+    if config.get("peft_type") != peft_type:
+        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; {wanted}")
+    return config_path, config
+
+
+def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The folder's adapter tensors: adapter_model.safetensors, or PEFT's older adapter_model.bin (loaded
+    with weights_only); a dict, or a ValueError naming the folder."""
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
     if os.path.isfile(weights):
         from safetensors.torch import load_file
@@ -284,6 +295,16 @@ def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict, dict[str, t
         raise FileNotFoundError(f"{directory} has neither {ADAPTER_WEIGHTS} nor {ADAPTER_WEIGHTS_BIN}")
     if not isinstance(tensors, dict):
         raise ValueError(f"{directory}: the adapter weights are a {type(tensors).__name__}, not a dict of tensors")
+    return tensors
+
+
+def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    config_path, config = read_adapter_config(directory, "LORA", "lora-kernels loads LORA, VERA and IA3 adapters")
+    unsupported = [f"{key}={config[key]!r}" for key, allowed in _UNSUPPORTED.items()
+                   if key in config and config[key] not in allowed]
+    if unsupported:
+        raise ValueError(f"{config_path}: lora-kernels does not support {', '.join(unsupported)}")
+    tensors = read_adapter_tensors(directory)
     return config, _lora_settings(config, config_path), tensors
 
 

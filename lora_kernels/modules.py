@@ -536,26 +536,42 @@ class QLoRALinear(NF4Linear):
 
 
 # ---- checking a LoRA configuration --------------------------------------------------------------
-def _lora_config_problems(**values) -> list[str]:
-    """What is wrong with the given LoRA hyperparameters (r, lora_alpha, lora_dropout, use_rslora, use_dora), one
-    message each; [] when all fit. Types are checked, not coerced: r = 4.9 or True is refused rather than
-    read as 4 or 1, lora_alpha must be finite (NaN would make every output NaN), and a boolean must be a
-    bool (the string "false" is truthy)."""
+def _is_real(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
+# The kinds of setting the adapter layers take: (what a value must be, whether it is). Types are checked,
+# not coerced: r = 4.9 or True is refused rather than read as 4 or 1, a real number must be finite (NaN
+# would make every output NaN), and a flag must be a bool (the string "false" is truthy).
+SETTING_KINDS = {
+    "rank": ("a positive integer",
+             lambda v: not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 1),
+    "finite": ("a finite real number", lambda v: _is_real(v) and math.isfinite(v)),
+    "dropout": ("a number in [0, 1)", lambda v: _is_real(v) and 0.0 <= v < 1.0),
+    "flag": ("True or False", lambda v: isinstance(v, bool)),
+    "dtype": (f"one of {SUPPORTED_DTYPES}", lambda v: v in SUPPORTED_DTYPES),
+}
+
+
+def setting_problems(values: dict, kinds: dict[str, str], names: dict[str, str] | None = None) -> list[str]:
+    """One message for each value of `values` that is not of its kind (kinds: {key: a SETTING_KINDS key};
+    keys without a kind are not checked here), named as `names` says (default: the key)."""
     problems = []
     for key, value in values.items():
-        if key == "r":
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                problems.append(f"LoRA rank r must be a positive integer, got {value!r}")
-        elif key == "lora_alpha":
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                problems.append(f"lora_alpha must be a finite real number, got {value!r}")
-        elif key == "lora_dropout":
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-                problems.append(f"lora_dropout must be a number in [0, 1), got {value!r}")
-        elif key in ("use_rslora", "use_dora"):
-            if not isinstance(value, bool):
-                problems.append(f"{key} must be True or False, got {value!r}")
+        if key in kinds:
+            what, fits = SETTING_KINDS[kinds[key]]
+            if not fits(value):
+                problems.append(f"{(names or {}).get(key, key)} must be {what}, got {value!r}")
     return problems
+
+
+_LORA_KINDS = {"r": "rank", "lora_alpha": "finite", "lora_dropout": "dropout", "use_rslora": "flag", "use_dora": "flag"}
+
+
+def _lora_config_problems(**values) -> list[str]:
+    """What is wrong with the given LoRA hyperparameters (r, lora_alpha, lora_dropout, use_rslora, use_dora), one
+    message each; [] when all fit (SETTING_KINDS)."""
+    return setting_problems(values, _LORA_KINDS, {"r": "LoRA rank r"})
 
 
 # Keywords replace_linear / from_bnb_model pass on to each QLoRALinear; the rest of QLoRALinear's

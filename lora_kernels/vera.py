@@ -35,7 +35,6 @@ save_vera_adapter refuses it.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -45,8 +44,9 @@ import torch
 from torch import nn
 
 from . import reference
-from .api import SUPPORTED_DTYPES, qlora_linear, quantize_nf4
-from .modules import _FROM_THE_LAYER, PEFT_PREFIX, NF4Linear, _build_each, _copy_plan, freeze_all_but_lora, swap_modules
+from .api import qlora_linear, quantize_nf4
+from .modules import (_FROM_THE_LAYER, PEFT_PREFIX, NF4Linear, _build_each, _copy_plan, freeze_all_but_lora,
+                      setting_problems, swap_modules)
 from .nf4 import NF4Weight
 
 DEFAULT_R = 256  # PEFT's VeraConfig default: VeRA wants far higher ranks than LoRA for its few parameters
@@ -135,30 +135,19 @@ class VeRAProjection(nn.Module):
 
 
 # ---- checking a VeRA configuration ----------------------------------------------------------------
+_VERA_KINDS = {"r": "rank", "vera_d_initial": "finite", "vera_dropout": "dropout", "save_projection": "flag",
+               "double_quant": "flag", "compute_dtype": "dtype", "lora_dtype": "dtype"}
+
+
 def _config_problems(**values) -> list[str]:
     """What is wrong with the given VeRA settings, one message each ([] when all fit). Types are checked, not
     coerced: r = 4.9 or True is refused rather than read as 4 or 1, a flag must be a bool."""
-    problems = []
+    problems = setting_problems(values, _VERA_KINDS, {"r": "VeRA rank r"})
     for key, value in values.items():
-        if key == "r":
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                problems.append(f"VeRA rank r must be a positive integer, got {value!r}")
-        elif key == "vera_d_initial":
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                problems.append(f"vera_d_initial must be a finite real number, got {value!r}")
-        elif key == "vera_dropout":
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-                problems.append(f"vera_dropout must be a number in [0, 1), got {value!r}")
-        elif key == "projection_prng_key":
+        if key == "projection_prng_key":
             if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
                     or not _SEED_RANGE[0] <= value <= _SEED_RANGE[1]):
                 problems.append(f"projection_prng_key must be an integer seed in [-2**63, 2**64 - 1], got {value!r}")
-        elif key in ("save_projection", "double_quant"):
-            if not isinstance(value, bool):
-                problems.append(f"{key} must be True or False, got {value!r}")
-        elif key in ("compute_dtype", "lora_dtype"):
-            if value not in SUPPORTED_DTYPES:
-                problems.append(f"{key} must be one of {SUPPORTED_DTYPES}, got {value!r}")
         elif key == "blocksize":
             if value not in reference.BLOCKSIZES:
                 problems.append(f"blocksize must be one of {reference.BLOCKSIZES}, got {value!r}")
@@ -420,9 +409,7 @@ def save_vera_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mo
     Refused (ValueError): no VeRA layers; layers on more than one projection; layers with different
     vera_dropout (PEFT's config has one); a projection that is not the one PEFT would draw for these layers
     (its shapes not those of the widest layers, or its values not its seed's)."""
-    from safetensors.torch import save_file
-
-    from .integrations import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from .integrations import write_adapter_folder
 
     layers = vera_layers(model)
     if not layers:
@@ -466,10 +453,7 @@ def save_vera_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mo
     if projection.save_projection:
         tensors[PROJECTION_PREFIX + "vera_A"] = projection.vera_A.detach().contiguous().cpu()
         tensors[PROJECTION_PREFIX + "vera_B"] = projection.vera_B.detach().contiguous().cpu()
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    write_adapter_folder(directory, tensors, config)
 
 
 # Config values a VeRA layer of ours cannot honour, and what is accepted.
@@ -485,21 +469,9 @@ _LOAD_KEYWORDS = ("compute_dtype", "blocksize", "double_quant", "lora_dtype")
 def _read_folder(directory) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """(config, settings {r, projection_prng_key, save_projection, vera_dropout, vera_d_initial}, tensors), each
     config value checked; a ValueError names the file and every key that does not fit."""
-    from .integrations import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
+    from .integrations import read_adapter_config, read_adapter_tensors
 
-    config_path = os.path.join(directory, ADAPTER_CONFIG)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter folder")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{config_path}: not a valid JSON file ({exc})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got a {type(config).__name__}")
-    if config.get("peft_type") != "VERA":
-        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; load_vera_adapter loads VERA "
-                         "adapters")
+    config_path, config = read_adapter_config(directory, "VERA", "load_vera_adapter loads VERA adapters")
     settings = {"r": config.get("r", DEFAULT_R), "projection_prng_key": config.get("projection_prng_key", 0),
                 "save_projection": config.get("save_projection", True), "vera_dropout": config.get("vera_dropout", 0.0),
                 "vera_d_initial": config.get("d_initial", DEFAULT_D_INITIAL)}
@@ -508,17 +480,7 @@ def _read_folder(directory) -> tuple[dict, dict, dict[str, torch.Tensor]]:
                  if key in config and config[key] not in allowed]
     if problems:
         raise ValueError(f"{config_path}: nothing loaded:\n  " + "\n  ".join(problems))
-    weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    if os.path.isfile(weights):
-        from safetensors.torch import load_file
-
-        tensors = load_file(weights)
-    elif os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS_BIN)):
-        tensors = torch.load(os.path.join(directory, ADAPTER_WEIGHTS_BIN), map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{directory} has neither {ADAPTER_WEIGHTS} nor {ADAPTER_WEIGHTS_BIN}")
-    if not isinstance(tensors, dict):
-        raise ValueError(f"{directory}: the adapter weights are a {type(tensors).__name__}, not a dict of tensors")
+    tensors = read_adapter_tensors(directory)
     return config, settings, tensors
 
 
