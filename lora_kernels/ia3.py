@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import _ops
-from .api import _check_qlora_args, _check_vector, quantize_nf4
+from .api import _check_qlora_args, _check_vector
 from .modules import (_FROM_THE_LAYER, PEFT_PREFIX, NF4Linear, _build_each, _matches, adapter_layers,
                       freeze_all_but_lora, setting_problems, swap_modules)
 from .nf4 import NF4Weight
@@ -242,12 +242,8 @@ class QIA3Linear(NF4Linear):
                                   else torch.randn(length, device=dev, dtype=lora_dtype))
         self._init_bias(bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        if in_dtype != self.compute_dtype:
-            x = x.to(self.compute_dtype)
-        y = ia3_linear(x, self.qweight, self.ia3_l, self.bias, self.feedforward)
-        return y if y.dtype == in_dtype else y.to(in_dtype)
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ia3_linear(x, self.qweight, self.ia3_l, self.bias, self.feedforward)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -275,29 +271,10 @@ class QIA3Linear(NF4Linear):
                 bias = bias * self.ia3_l.detach().float()
             return bias.to(dtype or self.compute_dtype)
 
-    def merge(self, requantize: bool = False):
-        """The adapted layer as a plain nn.Linear in the compute dtype holding `merged_weight()` and
-        `merged_bias()` (the NF4 base is not touched). With requantize=True, a new QIA3Linear whose base is
-        that merged weight re-quantized to NF4 and whose vector starts at ones; it carries
-        `.requantization_error`, the RMS and max absolute error the re-quantization added."""
-        merged, bias = self.merged_weight(), self.merged_bias()
-        if not requantize:
-            linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=merged.device,
-                               dtype=self.compute_dtype)
-            with torch.no_grad():
-                linear.weight.copy_(merged)
-                if bias is not None:
-                    linear.bias.copy_(bias)
-            return linear
-        q = quantize_nf4(merged, blocksize=self.blocksize, double_quant=self.double_quant)
-        layer = QIA3Linear(self.in_features, self.out_features, bias=bias is not None, feedforward=self.feedforward,
-                           compute_dtype=self.compute_dtype, lora_dtype=self.ia3_l.dtype, _weight=q)
-        if bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(bias)
-        err = q.dequantize(torch.float32) - merged.float()
-        layer.requantization_error = {"rms": float(err.pow(2).mean().sqrt()), "max": float(err.abs().max())}
-        return layer
+    def _fresh_on(self, q: NF4Weight) -> QIA3Linear:
+        """A QIA3Linear like this one on the weight q, its vector at ones (merge(requantize=True))."""
+        return QIA3Linear(self.in_features, self.out_features, bias=self.bias is not None, feedforward=self.feedforward,
+                          compute_dtype=self.compute_dtype, lora_dtype=self.ia3_l.dtype, _weight=q)
 
     # ---- PEFT adapters -------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -81,8 +81,9 @@ class NF4Linear(nn.Module):
     never casts them), an optional frozen bias [out], and the compute dtype the matmul runs in. Its
     state dict keeps W in bitsandbytes' `Linear4bit` layout (`weight`, `weight.absmax`,
     `weight.quant_state.bitsandbytes__nf4`, ...). The adapters live in the subclasses: QLoRALinear
-    (LoRA, rsLoRA, DoRA), QVeRALinear (vera.py) and QIA3Linear (ia3.py); each defines `forward`,
-    `adapter_parameters()` and `adapter_state_dict()`.
+    (LoRA, rsLoRA, DoRA), QVeRALinear (vera.py) and QIA3Linear (ia3.py); each defines `_forward(x)` (the
+    layer on x in the compute dtype; `forward` casts around it), `merged_weight(dtype)` and `_fresh_on(q)`
+    (for `merge`), `adapter_parameters()`, `adapter_is_identity()` and `adapter_state_dict()`.
     """
 
     def _init_base(self, in_features: int, out_features: int, *, blocksize: int | None, double_quant: bool | None,
@@ -322,6 +323,43 @@ class NF4Linear(nn.Module):
         if q is not None:
             self._set_weight(q)
 
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> y [..., out] in x's dtype: the matmul runs in compute_dtype (x is cast to it and the
+        result cast back, as bitsandbytes' Linear4bit does); the subclass's `_forward` computes it."""
+        in_dtype = x.dtype
+        y = self._forward(x if in_dtype == self.compute_dtype else x.to(self.compute_dtype))
+        return y if y.dtype == in_dtype else y.to(in_dtype)
+
+    # ---- merging -------------------------------------------------------------------------------
+    def merged_bias(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The adapted layer's bias [out] in dtype (default: the compute dtype), or None: the layer's own bias
+        unless the adapter changes it."""
+        return None if self.bias is None else self.bias.detach().to(dtype or self.compute_dtype)
+
+    def merge(self, requantize: bool = False):
+        """The adapted layer as a plain nn.Linear in the compute dtype holding `merged_weight()` and
+        `merged_bias()` (the NF4 base is not touched). With requantize=True, a layer of this class whose base
+        is that merged weight re-quantized to NF4 and whose adapter starts fresh (`_fresh_on`); it carries
+        `.requantization_error`, the RMS and max absolute error the re-quantization added."""
+        merged, bias = self.merged_weight(), self.merged_bias()
+        if not requantize:
+            linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=merged.device,
+                               dtype=self.compute_dtype)
+            with torch.no_grad():
+                linear.weight.copy_(merged)
+                if bias is not None:
+                    linear.bias.copy_(bias)
+            return linear
+        q = quantize_nf4(merged, blocksize=self.blocksize, double_quant=self.double_quant)
+        layer = self._fresh_on(q)
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
+        err = q.dequantize(torch.float32) - merged.float()
+        layer.requantization_error = {"rms": float(err.pow(2).mean().sqrt()), "max": float(err.abs().max())}
+        return layer
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The layer's trainable adapter tensors (none for the bare base)."""
         return []
@@ -448,10 +486,7 @@ class QLoRALinear(NF4Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
     # ---- forward -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        if in_dtype != self.compute_dtype:
-            x = x.to(self.compute_dtype)
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         pool = self.adapter_pool
         if pool is not None and pool.active:
             y = self._pooled_forward(x)
@@ -462,7 +497,7 @@ class QLoRALinear(NF4Linear):
         else:
             y = qlora_linear(x, self.qweight, self.lora_A, self.lora_B, self.scaling, self.bias,
                              dropout_p=self.lora_dropout, training=self.training)
-        return y if y.dtype == in_dtype else y.to(in_dtype)
+        return y
 
     def extra_repr(self) -> str:
         return (
@@ -488,32 +523,13 @@ class QLoRALinear(NF4Linear):
                 merged *= (self.lora_magnitude_vector.detach().float() / norm)[:, None]
             return merged.to(dtype)
 
-    def merge(self, requantize: bool = False):
-        """The adapted layer as a plain nn.Linear in the compute dtype holding `merged_weight()` (the
-        NF4 base is not touched). With requantize=True, a new QLoRALinear whose base is that merged
-        weight re-quantized to NF4 and whose LoRA (and DoRA magnitude) starts fresh; it carries
-        `.requantization_error`, the RMS and max absolute error the re-quantization added."""
-        merged = self.merged_weight()
-        if not requantize:
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                               device=merged.device, dtype=self.compute_dtype)
-            with torch.no_grad():
-                linear.weight.copy_(merged)
-                if self.bias is not None:
-                    linear.bias.copy_(self.bias)
-            return linear
-        q = quantize_nf4(merged, blocksize=self.blocksize, double_quant=self.double_quant)
-        layer = QLoRALinear(
+    def _fresh_on(self, q: NF4Weight) -> QLoRALinear:
+        """A QLoRALinear like this one on the weight q, its LoRA (and DoRA magnitude) fresh (merge(requantize=True))."""
+        return QLoRALinear(
             self.in_features, self.out_features, bias=self.bias is not None, r=self.r, lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout, use_rslora=self.use_rslora, use_dora=self.use_dora,
             compute_dtype=self.compute_dtype, lora_dtype=self.lora_A.dtype, _weight=q,
         )
-        if self.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(self.bias)
-        err = q.dequantize(torch.float32) - merged.float()
-        layer.requantization_error = {"rms": float(err.pow(2).mean().sqrt()), "max": float(err.abs().max())}
-        return layer
 
     # ---- PEFT adapters -------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .api import qlora_linear, quantize_nf4
+from .api import qlora_linear
 from .modules import (_FROM_THE_LAYER, PEFT_PREFIX, NF4Linear, _build_each, _copy_plan, freeze_all_but_lora,
                       setting_problems, swap_modules)
 from .nf4 import NF4Weight
@@ -250,14 +250,10 @@ class QVeRALinear(NF4Linear):
         lora_B = self.vera_lambda_b.to(dtype)[:, None] * vera_B.to(dtype)
         return lora_A, lora_B
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        if in_dtype != self.compute_dtype:
-            x = x.to(self.compute_dtype)
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         lora_A, lora_B = self.vera_factors()
-        y = qlora_linear(x, self.qweight, lora_A, lora_B, 1.0, self.bias, dropout_p=self.vera_dropout,
-                         training=self.training)
-        return y if y.dtype == in_dtype else y.to(in_dtype)
+        return qlora_linear(x, self.qweight, lora_A, lora_B, 1.0, self.bias, dropout_p=self.vera_dropout,
+                            training=self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -273,31 +269,13 @@ class QVeRALinear(NF4Linear):
             merged = self.qweight.dequantize(torch.float32) + lora_B @ lora_A
             return merged.to(dtype or self.compute_dtype)
 
-    def merge(self, requantize: bool = False):
-        """The adapted layer as a plain nn.Linear in the compute dtype holding `merged_weight()` (the NF4 base is
-        not touched). With requantize=True, a new QVeRALinear on the same projection whose base is that merged
-        weight re-quantized to NF4 and whose vectors start fresh (lambda_b zero); it carries
-        `.requantization_error`, the RMS and max absolute error the re-quantization added."""
-        merged = self.merged_weight()
-        if not requantize:
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=merged.device,
-                               dtype=self.compute_dtype)
-            with torch.no_grad():
-                linear.weight.copy_(merged)
-                if self.bias is not None:
-                    linear.bias.copy_(self.bias)
-            return linear
-        q = quantize_nf4(merged, blocksize=self.blocksize, double_quant=self.double_quant)
-        layer = QVeRALinear(self.in_features, self.out_features, bias=self.bias is not None, r=self.r,
-                            vera_d_initial=self.vera_d_initial, vera_dropout=self.vera_dropout,
-                            projection=self.vera_projection, compute_dtype=self.compute_dtype,
-                            lora_dtype=self.vera_lambda_d.dtype, _weight=q)
-        if self.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(self.bias)
-        err = q.dequantize(torch.float32) - merged.float()
-        layer.requantization_error = {"rms": float(err.pow(2).mean().sqrt()), "max": float(err.abs().max())}
-        return layer
+    def _fresh_on(self, q: NF4Weight) -> QVeRALinear:
+        """A QVeRALinear like this one on the weight q and the same projection, its vectors fresh (lambda_b
+        zero) (merge(requantize=True))."""
+        return QVeRALinear(self.in_features, self.out_features, bias=self.bias is not None, r=self.r,
+                           vera_d_initial=self.vera_d_initial, vera_dropout=self.vera_dropout,
+                           projection=self.vera_projection, compute_dtype=self.compute_dtype,
+                           lora_dtype=self.vera_lambda_d.dtype, _weight=q)
 
     # ---- adapters --------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
