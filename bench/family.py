@@ -34,7 +34,7 @@ import lora_kernels
 
 from .harness import Row, advance, expect, time_paired
 from .memory import peak_bytes
-from .problems import main_backend, measure, mismatch, nf4_nbytes, our_backends, using_backend
+from .problems import bnb_nf4_model, main_backend, measure, mismatch, nf4_nbytes, our_backends, using_backend
 
 SUITE = "family"
 INIT_RANK, INIT_ALPHA = 16, 16
@@ -205,17 +205,10 @@ def _peft_ia3(w, l, feedforward, log):
     except Exception as exc:
         log(f"{PEFT_IA3} skipped: {type(exc).__name__}: {exc}")
         return None
-    out_f, in_f = w.shape
     try:
-        model = torch.nn.Module()
-        model.proj = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16,
-                                       compress_statistics=True, quant_type="nf4", device="meta")
-        model.proj.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
-                                              blocksize=64)
-        model.to(w.device)
-        model.is_loaded_in_4bit = True
         model = inject_adapter_in_model(IA3Config(target_modules=["proj"],
-                                                  feedforward_modules=["proj"] if feedforward else []), model)
+                                                  feedforward_modules=["proj"] if feedforward else []),
+                                        bnb_nf4_model(bnb, w))
         vector = model.proj.ia3_l["default"]
         with torch.no_grad():
             vector.copy_(l.detach().reshape(vector.shape))

@@ -203,15 +203,8 @@ def build_peft(w, lora_A, lora_B, rank, log, case, magnitude=None):
     except Exception as exc:
         log(f"{impl} skipped: {type(exc).__name__}: {exc}")
         return None
-    out_f, in_f = w.shape
     try:
-        model = torch.nn.Module()
-        model.proj = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16,
-                                       compress_statistics=True, quant_type="nf4", device="meta")
-        model.proj.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True,
-                                              quant_type="nf4", blocksize=64)
-        model.to(w.device)  # Params4bit quantizes on its first move
-        model.is_loaded_in_4bit = True  # what transformers sets: PEFT then uses its bnb 4-bit layer
+        model = bnb_nf4_model(bnb, w)
         model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                    use_dora=magnitude is not None, target_modules=["proj"]), model)
         with torch.no_grad():
@@ -223,6 +216,21 @@ def build_peft(w, lora_A, lora_B, rank, log, case, magnitude=None):
     except Exception as exc:
         log(f"{impl} skipped on {case}: cannot build it here: {type(exc).__name__}: {exc}")
         return None
+
+
+def bnb_nf4_model(bnb, w):
+    """A module whose `proj` is a bitsandbytes Linear4bit (NF4, double quant, block 64, bf16 compute, no
+    bias) holding w [out, in], marked as transformers marks a model loaded in 4 bits, so that PEFT wraps
+    it with its bnb 4-bit layers."""
+    out_f, in_f = w.shape
+    model = torch.nn.Module()
+    model.proj = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                                   quant_type="nf4", device="meta")
+    model.proj.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                          blocksize=64)
+    model.to(w.device)  # Params4bit quantizes on its first move
+    model.is_loaded_in_4bit = True  # what transformers sets: PEFT then uses its bnb 4-bit layer
+    return model
 
 
 def bitsandbytes_functional(log):
